@@ -1,0 +1,85 @@
+"""Every shipped YAML config parses, and trains a few steps with tiny overrides on generated data."""
+
+from pathlib import Path
+
+import pytest
+
+from data_fakes import write_cifar, write_tree
+from lightning_recipes.recipes.common import CONFIG_DIR
+from lightning_recipes.recipes.resnet import main as resnet_main
+from lightning_recipes.recipes.vit import main as vit_main
+
+CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
+MAINS = {"resnet": resnet_main, "vit": vit_main}
+
+
+def _main(config: Path):
+    recipe = config.name.split("_")[0].rstrip("0123456789")
+    assert recipe in MAINS, f"{config.name}: a config's name starts with the recipe it is for ({sorted(MAINS)})"
+    return MAINS[recipe]
+
+
+def test_the_expected_configs_ship():
+    names = {c.name for c in CONFIGS}
+    assert {
+        "vit_digits.yaml",
+        "resnet_digits.yaml",
+        "resnet18_cifar10.yaml",
+        "vit_cifar10.yaml",
+        "resnet50_imagenet.yaml",
+        "vit_b16_imagenet.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _main(config)(["fit", f"--config={config}", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_recipes.datamodules." in printed
+
+
+def _data_overrides(config: Path, tmp_path: Path, monkeypatch) -> list[str]:
+    text = config.read_text()
+    if "CIFAR10DataModule" in text:
+        write_cifar(tmp_path / "cifar", monkeypatch)
+        return [f"--data.data_dir={tmp_path / 'cifar'}", "--data.batch_size=4", "--data.num_workers=0"]
+    if "ImageFolderDataModule" in text:
+        root = write_tree(tmp_path / "images", per_class=(4, 2))
+        return [
+            f"--data.root={root}",
+            "--data.train_crop_size=32",
+            "--data.val_resize_size=36",
+            "--data.val_crop_size=32",
+            "--data.batch_size=4",
+            "--data.num_workers=0",
+        ]
+    return ["--data.batch_size=8"]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_config_smoke_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = _data_overrides(config, tmp_path, monkeypatch)
+    if "patch_size: 16" in config.read_text():
+        # ViT-B/16 cut to one block over 4×4 patches of 8 pixels: the rest of the config runs as shipped.
+        overrides += ["--model.patch_size=8", "--model.depth=1"]
+    _main(config)(
+        [
+            "fit",
+            f"--config={config}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+            "--trainer.strategy=auto",
+            "--trainer.precision=32-true",
+            "--trainer.max_steps=2",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            *overrides,
+        ]
+    )
+    ckpts = list(tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt"))
+    assert len(ckpts) == 1, "every config saves a last.ckpt under runs/<name>/version_0"

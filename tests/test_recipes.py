@@ -1,0 +1,128 @@
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch import nn
+
+from lightning_recipes.datamodules import DigitsDataModule
+from lightning_recipes.recipes.common import param_groups, warmup_cosine
+from lightning_recipes.recipes.resnet import ResNetClassifier
+from lightning_recipes.recipes.resnet import main as resnet_main
+from lightning_recipes.recipes.vit import ViTClassifier
+from lightning_recipes.recipes.vit import main as vit_main
+
+
+def _names(model: nn.Module, group: dict) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def test_vit_param_groups_exclude_norms_biases_pos_embedding_and_class_token():
+    module = ViTClassifier(depth=2, width=32, heads=2, mlp_dim=64)
+    optimizer = module.build_optimizer()
+    decay, no_decay = optimizer.param_groups
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    model = module.model
+    assert _names(model, no_decay) == {n for n, p in model.named_parameters() if p.ndim < 2} | {
+        "class_token",
+        "encoder.pos_embedding",
+    }
+    assert "encoder.layers.encoder_layer_0.self_attention.in_proj_weight" in _names(model, decay)
+    assert "conv_proj.weight" in _names(model, decay) and "heads.head.weight" in _names(model, decay)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_resnet_param_groups_decay_only_conv_and_linear_weights():
+    module = ResNetClassifier(arch="resnet18")
+    optimizer = module.build_optimizer()
+    decay, no_decay = optimizer.param_groups
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["nesterov"] is True
+    assert optimizer.defaults["momentum"] == 0.9
+    weights = {
+        f"{name}.weight" for name, m in module.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+    assert _names(module.model, decay) == weights
+    assert "bn1.weight" in _names(module.model, no_decay) and "fc.bias" in _names(module.model, no_decay)
+
+
+def test_param_groups_reject_unknown_names():
+    with pytest.raises(ValueError, match=r"no_decay names \['pos_embed'\] are not parameters of Linear"):
+        param_groups(nn.Linear(2, 2), 0.1, no_decay=["pos_embed"])
+
+
+def test_warmup_cosine_boundaries():
+    kw = {"warmup_steps": 4, "total_steps": 14}
+    assert warmup_cosine(0, **kw) == pytest.approx(0.25)
+    assert warmup_cosine(3, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(4, **kw) == pytest.approx(1.0)
+    assert warmup_cosine(9, **kw) == pytest.approx(0.5)
+    assert warmup_cosine(14, **kw, min_factor=0.1) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (ResNetClassifier, {"arch": "resnet19"}, r"arch='resnet19' is not supported: choose one of \['resnet18'"),
+        (ResNetClassifier, {"norm": "layer"}, r"norm='layer' is not supported"),
+        (ResNetClassifier, {"stem": "tiny"}, r"stem='tiny' is not supported"),
+        (ResNetClassifier, {"norm": "group", "group_norm_groups": 7}, r"group_norm_groups=7 must divide"),
+        (ViTClassifier, {"image_size": 8, "patch_size": 3}, r"patch_size=3 does not divide image_size=8: .*\[1, 2, 4, 8\]"),
+        (ViTClassifier, {"width": 100, "heads": 8}, r"heads=8 does not divide width=100"),
+        (ViTClassifier, {"num_classes": 1}, r"num_classes=1 is invalid"),
+        (ViTClassifier, {"label_smoothing": 1.0}, r"label_smoothing=1.0 is invalid"),
+    ],
+)
+def test_bad_model_arguments(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_num_classes_disagreeing_with_data_fails_before_training(tmp_path):
+    model = ViTClassifier(num_classes=5, depth=1, width=16, heads=2, mlp_dim=16)
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=1, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"model num_classes=5 disagrees with the data: DigitsDataModule.num_classes=10"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_sync_batch_warns_in_a_single_process(tmp_path):
+    model = ResNetClassifier(norm="sync_batch")
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match=r"norm='sync_batch' has nothing to synchronise in a single process"):
+        trainer.fit(model, datamodule=DigitsDataModule(batch_size=8))
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+
+
+FAST = ["--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("main", [vit_main, resnet_main], ids=["vit", "resnet"])
+def test_cli_fit_then_validate_test_predict(main, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", *FAST, "--data.batch_size=16"])
+    ckpts = sorted(tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt"))
+    assert [c.name for c in ckpts if c.name == "last.ckpt"] == ["last.ckpt"]
+    (run_dir,) = tmp_path.glob("runs/*/version_0")
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    last = str(run_dir / "checkpoints" / "last.ckpt")
+    for sub in ("validate", "test", "predict"):
+        main([sub, f"--ckpt_path={last}", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
+              "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false"])
+
+
+def test_cli_links_data_sizes_into_the_model(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        vit_main(["fit", "--data.image_size=16", "--model.patch_size=4", "--print_config"])
+    assert exit_info.value.code == 0
+    config = capsys.readouterr().out
+    assert "class_path: lightning_recipes.datamodules.DigitsDataModule" in config
+    assert "image_size: 16" in config and "patch_size: 4" in config
+
+
+def test_cli_missing_image_folder_names_the_path(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    with pytest.raises((SystemExit, FileNotFoundError, ValueError)) as info:
+        resnet_main(["fit", "--data=ImageFolderDataModule", f"--data.root={missing}", *FAST])
+    message = str(info.value) + capsys.readouterr().err
+    assert str(missing) in message
