@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -35,40 +34,30 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] 
         if not param.requires_grad:
             continue
         (skip if param.ndim < 2 or name in no_decay else decay).append(param)
+    # The names label the groups' LR curves (LRSchedule logs lr/decay and lr/no_decay).
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": skip, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": skip, "weight_decay": 0.0, "name": "no_decay"},
     ]
-
-
-def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_factor: float = 0.0) -> float:
-    """LR multiplier at optimizer step ``step``: linear warmup from 0, then cosine down to ``min_factor``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class ImageClassifier(LightningModule):
     """Cross-entropy classification with top-1 (and top-5) accuracy; subclasses build ``self.model``.
 
-    Subclasses implement ``configure_optimizers``' optimizer through ``build_optimizer``; the schedule
-    (per optimizer step, warmup then cosine) is shared.
+    Subclasses return their optimizer from ``build_optimizer``. The learning-rate schedule is not here: it
+    is the ``LRSchedule`` callback of the recipe's config (per optimizer step, warmup then decay), so that
+    the same schedule code serves any LightningModule.
     """
 
     #: Data-module attributes the CLI copies into the model's arguments before anything is built.
     data_links: Sequence[str] = ("num_classes", "in_channels")
 
-    def __init__(self, *, num_classes: int, label_smoothing: float, warmup_fraction: float, min_lr_factor: float) -> None:
+    def __init__(self, *, num_classes: int, label_smoothing: float) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} is invalid: a classifier needs at least 2 classes.")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing!r} is invalid: use a value in [0, 1).")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise ValueError(f"warmup_fraction={warmup_fraction!r} is invalid: use a value in [0, 1).")
-        if not 0.0 <= min_lr_factor <= 1.0:
-            raise ValueError(f"min_lr_factor={min_lr_factor!r} is invalid: use a value in [0, 1].")
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top_k = (1, 5) if num_classes > 5 else (1,)
         self.metric_names = {1: "acc", 5: "acc_top5"}
@@ -118,16 +107,8 @@ class ImageClassifier(LightningModule):
         images, _ = batch
         return self(images).argmax(dim=-1)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.build_optimizer()
-        total = int(self.trainer.estimated_stepping_batches)
-        warmup = int(self.hparams.warmup_fraction * total)
-
-        def factor(step: int) -> float:
-            return warmup_cosine(step, warmup_steps=warmup, total_steps=total, min_factor=self.hparams.min_lr_factor)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return self.build_optimizer()
 
 
 class RecipeCLI(LightningCLI):

@@ -37,8 +37,6 @@ class ResNetClassifier(ImageClassifier):
         nesterov: bool = True,
         weight_decay: float = 5e-4,
         label_smoothing: float = 0.1,
-        warmup_fraction: float = 0.05,
-        min_lr_factor: float = 0.0,
     ) -> None:
         """
         Args:
@@ -51,20 +49,13 @@ class ResNetClassifier(ImageClassifier):
                 statistics are computed over all processes under DDP).
             group_norm_groups: groups per GroupNorm layer when ``norm=group``.
             zero_init_residual: start each residual branch's last norm scale at 0 (Goyal et al. 2017).
-            lr: peak SGD learning rate (reached after warmup).
+            lr: peak SGD learning rate; the config's LRSchedule callback warms up to it and decays it.
             momentum: SGD momentum.
             nesterov: Nesterov momentum.
             weight_decay: L2 penalty on conv and linear weights only (norm scales and biases excluded).
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
-            warmup_fraction: share of the optimizer steps spent in linear warmup.
-            min_lr_factor: the cosine decay ends at ``min_lr_factor × lr``.
         """
-        super().__init__(
-            num_classes=num_classes,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            min_lr_factor=min_lr_factor,
-        )
+        super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
         if arch not in ARCHS:
             raise ValueError(f"arch={arch!r} is not supported: choose one of {sorted(ARCHS)}.")
         if stem not in ("imagenet", "small"):

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torchvision.models import VisionTransformer
+from torchvision.models.vision_transformer import ConvStemConfig
 
 from lightning_recipes.recipes.common import ImageClassifier, param_groups, run_cli
 
@@ -32,14 +33,13 @@ class ViTClassifier(ImageClassifier):
         width: int = 128,
         heads: int = 4,
         mlp_dim: int = 256,
+        conv_stem: Optional[list[int]] = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
         label_smoothing: float = 0.1,
-        warmup_fraction: float = 0.1,
-        min_lr_factor: float = 0.0,
     ) -> None:
         """
         Args:
@@ -51,21 +51,17 @@ class ViTClassifier(ImageClassifier):
             width: token dimension (``hidden_dim``); must be divisible by ``heads``.
             heads: attention heads per block.
             mlp_dim: hidden size of each block's MLP.
+            conv_stem: channels of a convolutional stem that replaces the patchify layer (Xiao et al. 2021,
+                "Early convolutions help transformers see better"): 3×3 conv + BatchNorm + ReLU per entry, the
+                last log2(patch_size) with stride 2, then a 1×1 conv to ``width``. None = the standard patchify.
             dropout: dropout after the embedding, attention output and MLP.
             attention_dropout: dropout on the attention weights.
-            lr: peak AdamW learning rate (reached after warmup).
+            lr: peak AdamW learning rate; the config's LRSchedule callback warms up to it and decays it.
             weight_decay: decoupled weight decay on matrices only (not norms, biases, pos-embedding, class token).
             betas: AdamW's moment decay rates.
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
-            warmup_fraction: share of the optimizer steps spent in linear warmup.
-            min_lr_factor: the cosine decay ends at ``min_lr_factor × lr``.
         """
-        super().__init__(
-            num_classes=num_classes,
-            label_smoothing=label_smoothing,
-            warmup_fraction=warmup_fraction,
-            min_lr_factor=min_lr_factor,
-        )
+        super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
         if image_size % patch_size:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}: choose a patch size among "
@@ -76,6 +72,15 @@ class ViTClassifier(ImageClassifier):
                 f"heads={heads} does not divide width={width}: choose heads among "
                 f"{[h for h in range(1, min(width, 64) + 1) if width % h == 0]}, or change width."
             )
+        strides = []
+        if conv_stem:
+            halvings = patch_size.bit_length() - 1
+            if 2**halvings != patch_size or len(conv_stem) < halvings:
+                raise ValueError(
+                    f"conv_stem={conv_stem} with patch_size={patch_size}: a conv stem downsamples by 2 per stride-2 "
+                    f"conv, so patch_size must be a power of 2 and conv_stem needs at least log2(patch_size) entries."
+                )
+            strides = [1] * (len(conv_stem) - halvings) + [2] * halvings
         self.save_hyperparameters()
         self.model = VisionTransformer(
             image_size=image_size,
@@ -87,13 +92,28 @@ class ViTClassifier(ImageClassifier):
             dropout=dropout,
             attention_dropout=attention_dropout,
             num_classes=num_classes,
+            conv_stem_configs=[ConvStemConfig(c, 3, s) for c, s in zip(conv_stem, strides)] if conv_stem else None,
         )
-        if in_channels != 3:
+        if conv_stem:
+            # torchvision's stem is hard-wired to RGB too; swap its first conv for one with our channel count.
+            first = self.model.conv_proj[0][0]
+            self.model.conv_proj[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, first.stride, 1, bias=False)
+        elif in_channels != 3:
             # torchvision's patch embedding is hard-wired to RGB; rebuild it with its own initialisation.
             proj = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
             nn.init.trunc_normal_(proj.weight, std=math.sqrt(1 / (in_channels * patch_size**2)))
             nn.init.zeros_(proj.bias)
             self.model.conv_proj = proj
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        train_crop = getattr(self.trainer.datamodule, "train_crop_size", None)
+        if stage == "fit" and train_crop is not None and train_crop != self.hparams.image_size:
+            raise ValueError(
+                f"data train_crop_size={train_crop} differs from image_size={self.hparams.image_size} (val_crop_size): "
+                "a ViT's position embeddings fix one input size. Set --data.train_crop_size and "
+                "--data.val_crop_size to the same value."
+            )
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(

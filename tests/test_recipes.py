@@ -1,10 +1,11 @@
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
 from lightning.pytorch import Trainer
 from torch import nn
 
 from lightning_recipes.datamodules import DigitsDataModule
-from lightning_recipes.recipes.common import param_groups, warmup_cosine
+from lightning_recipes.recipes.common import param_groups
 from lightning_recipes.recipes.resnet import ResNetClassifier
 from lightning_recipes.recipes.resnet import main as resnet_main
 from lightning_recipes.recipes.vit import ViTClassifier
@@ -50,15 +51,6 @@ def test_param_groups_reject_unknown_names():
         param_groups(nn.Linear(2, 2), 0.1, no_decay=["pos_embed"])
 
 
-def test_warmup_cosine_boundaries():
-    kw = {"warmup_steps": 4, "total_steps": 14}
-    assert warmup_cosine(0, **kw) == pytest.approx(0.25)
-    assert warmup_cosine(3, **kw) == pytest.approx(1.0)
-    assert warmup_cosine(4, **kw) == pytest.approx(1.0)
-    assert warmup_cosine(9, **kw) == pytest.approx(0.5)
-    assert warmup_cosine(14, **kw, min_factor=0.1) == pytest.approx(0.1)
-
-
 @pytest.mark.parametrize(
     ("cls", "kwargs", "match"),
     [
@@ -93,7 +85,7 @@ def test_sync_batch_warns_in_a_single_process(tmp_path):
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
 
 
-FAST = ["--trainer.max_steps=3", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]
+FAST = ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.limit_val_batches=2", "--trainer.enable_progress_bar=false"]
 
 
 @pytest.mark.parametrize("main", [vit_main, resnet_main], ids=["vit", "resnet"])
@@ -104,7 +96,12 @@ def test_cli_fit_then_validate_test_predict(main, tmp_path, monkeypatch):
     assert [c.name for c in ckpts if c.name == "last.ckpt"] == ["last.ckpt"]
     (run_dir,) = tmp_path.glob("runs/*/version_0")
     assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
-    assert list(run_dir.glob("events.out.tfevents.*"))
+    (events,) = run_dir.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    logged = set(accumulator.Tags()["scalars"])
+    # The default config's callbacks: LRSchedule names the recipe's two parameter groups, GradNormMonitor logs.
+    assert {"train/loss", "train/acc", "lr/decay", "lr/no_decay", "grad_norm/total", "grad_norm/total_post_clip"} <= logged
     last = str(run_dir / "checkpoints" / "last.ckpt")
     for sub in ("validate", "test", "predict"):
         main([sub, f"--ckpt_path={last}", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
@@ -126,3 +123,13 @@ def test_cli_missing_image_folder_names_the_path(tmp_path, capsys):
         resnet_main(["fit", "--data=ImageFolderDataModule", f"--data.root={missing}", *FAST])
     message = str(info.value) + capsys.readouterr().err
     assert str(missing) in message
+
+
+def test_vit_rejects_a_train_crop_different_from_the_val_crop(tmp_path):
+    from data_fakes import write_tree
+
+    root = write_tree(tmp_path / "images")
+    with pytest.raises(ValueError, match=r"data train_crop_size=16 differs from image_size=32"):
+        vit_main(["fit", "--data=ImageFolderDataModule", f"--data.root={root}", "--data.train_crop_size=16",
+                  "--data.val_resize_size=32", "--data.val_crop_size=32", "--model.patch_size=8", *FAST,
+                  f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
