@@ -14,9 +14,9 @@ import torch
 import torch.multiprocessing as mp
 import lightning.pytorch as L
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
+from recording_logger import RecordingLogger
 from lightning_recipes.callbacks import GradNormMonitor, LRSchedule
 
 pytestmark = pytest.mark.slow
@@ -51,26 +51,7 @@ class ShardedBoringModel(TwoLayerBoringModel):
         fully_shard(self.layer, mesh=mesh)
 
 
-class EveryRankLogger(Logger):
-    """Not rank-zero-only, unlike Lightning's loggers: records whatever reaches it on this rank."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "every_rank"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -110,7 +91,7 @@ def _train(strategy, model, rank, out_dir, name):
     monitor = GradNormMonitor(log_every_n_steps=1, layer_depth=2)
     schedule = LRSchedule(warmup_steps=1, decay="linear", reference_batch_size=4)
     reference = Reference(monitor)
-    logger = EveryRankLogger()
+    logger = RecordingLogger()
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,

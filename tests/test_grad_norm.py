@@ -12,38 +12,27 @@ import torch
 import lightning.pytorch as L
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.demos.transformer import LightningTransformer
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from recording_logger import RecordingLogger
 from lightning_recipes.callbacks import GradNormMonitor
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "callbacks" / "grad_norm.py"
 
 
-class MetricsLogger(Logger):
-    """Collects what callbacks send to loggers."""
+class MetricsLogger(RecordingLogger):
+    """Keeps the monitor's rows by step, and fails if a step is logged twice."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: dict[int, dict[str, float]] = {}
 
-    @property
-    def name(self) -> str:
-        return "metrics"
-
-    @property
-    def version(self) -> int:
-        return 0
-
     def log_metrics(self, metrics, step=None):
         if any(key.startswith(("grad_norm/", "param/", "amp/")) for key in metrics):
             assert step not in self.rows, f"step {step} logged twice"
             self.rows[step] = dict(metrics)
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 class Model(BoringModel):

@@ -14,10 +14,10 @@ import torch
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from recording_logger import RecordingLogger
 from lightning_recipes.callbacks import LRSchedule
 from lightning_recipes.callbacks.lr_schedule import lr_factor, main
 
@@ -218,26 +218,7 @@ class LRRecorder(L.Callback):
         self.weights[trainer.global_step] = pl_module.layer.weight.detach().clone()
 
 
-class MetricsLogger(Logger):
-    """Collects what callbacks send to loggers."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "metrics"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
 
 
 def make_trainer(**kwargs) -> L.Trainer:
@@ -256,7 +237,7 @@ def make_trainer(**kwargs) -> L.Trainer:
 def test_counts_optimizer_steps_under_accumulation_and_keeps_group_ratios():
     schedule = LRSchedule(warmup_steps=2, decay="linear", min_lr_factor=0.1)
     recorder = LRRecorder()
-    logger = MetricsLogger()
+    logger = RecordingLogger()
     trainer = make_trainer(
         max_epochs=2,
         limit_train_batches=9,

@@ -1,0 +1,44 @@
+"""The README's commands name files that exist, and its fast commands run as written."""
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_every_repository_path_in_the_readme_exists():
+    paths = set(re.findall(r"(?:recipes|callbacks|datamodules|benchmarks|docs|tests)/[\w./-]+\.(?:py|yaml|png|md)", README))
+    assert "recipes/vit.py" in paths and "recipes/configs/resnet50_imagenet.yaml" in paths
+    missing = sorted(p for p in paths if not (ROOT / p).is_file())
+    assert not missing, f"README names files that do not exist: {missing}"
+
+
+def _commands(prefix: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    joined = "\n".join(blocks).replace("\\\n", " ")
+    return [line.split("#")[0].strip() for line in joined.splitlines() if line.strip().startswith(prefix)]
+
+
+def test_lr_preview_command_runs_as_written(tmp_path):
+    (command,) = _commands("python -m lightning_recipes.callbacks.lr_schedule")
+    argv = shlex.split(command.replace("docs/lr_schedule_preview.png", str(tmp_path / "preview.png")))
+    result = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "preview.png").stat().st_size > 10_000
+    assert re.search(r"^\s+100\s+1\.000000\s+1\.0000e-03$", result.stdout, flags=re.M), result.stdout
+
+
+@pytest.mark.parametrize("script", ["recipes/vit.py", "recipes/resnet.py"])
+def test_print_config_runs_as_written(script):
+    result = subprocess.run(
+        [sys.executable, script, "fit", "--print_config"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "lightning_recipes.callbacks.LRSchedule" in result.stdout
+    assert "lightning_recipes.datamodules.DigitsDataModule" in result.stdout
