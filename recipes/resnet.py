@@ -29,6 +29,7 @@ class ResNetClassifier(ImageClassifier):
         in_channels: int = 1,
         arch: str = "resnet18",
         stem: Literal["imagenet", "small"] = "small",
+        stem_stride: int = 1,
         norm: Literal["batch", "group", "sync_batch"] = "batch",
         group_norm_groups: int = 32,
         zero_init_residual: bool = True,
@@ -45,6 +46,8 @@ class ResNetClassifier(ImageClassifier):
             arch: torchvision architecture, one of resnet18, resnet34, resnet50.
             stem: ``imagenet`` = 7×7 stride-2 conv + max-pool (for ≥ 128 px images); ``small`` = 3×3 stride-1
                 conv and no pooling, the CIFAR-style stem that keeps small images' resolution.
+            stem_stride: stride of the ``small`` stem's conv: 2 halves the resolution once, so that upsampled
+                images (augmented at the higher resolution) cost what the native size costs.
             norm: ``batch``; ``group`` (GroupNorm, independent of the batch size); ``sync_batch`` (BatchNorm whose
                 statistics are computed over all processes under DDP).
             group_norm_groups: groups per GroupNorm layer when ``norm=group``.
@@ -60,6 +63,8 @@ class ResNetClassifier(ImageClassifier):
             raise ValueError(f"arch={arch!r} is not supported: choose one of {sorted(ARCHS)}.")
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not supported: choose 'imagenet' or 'small'.")
+        if stem_stride not in (1, 2) or (stem_stride == 2 and stem != "small"):
+            raise ValueError(f"stem_stride={stem_stride!r} is invalid: use 1, or 2 with stem='small'.")
         if norm not in ("batch", "group", "sync_batch"):
             raise ValueError(f"norm={norm!r} is not supported: choose one of 'batch', 'group', 'sync_batch'.")
         if norm == "group" and 64 % group_norm_groups:
@@ -71,7 +76,7 @@ class ResNetClassifier(ImageClassifier):
         norm_layer = functools.partial(nn.GroupNorm, group_norm_groups) if norm == "group" else nn.BatchNorm2d
         self.model = ARCHS[arch](num_classes=num_classes, norm_layer=norm_layer, zero_init_residual=zero_init_residual)
         if stem == "small":
-            self.model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            self.model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=stem_stride, padding=1, bias=False)
             self.model.maxpool = nn.Identity()
         elif in_channels != 3:
             self.model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -86,6 +91,12 @@ class ResNetClassifier(ImageClassifier):
                 "norm='sync_batch' has nothing to synchronise in a single process: plain BatchNorm is used. "
                 "It takes effect under a distributed strategy (e.g. --trainer.strategy ddp --trainer.devices 2).",
                 stacklevel=2,
+            )
+        elif self.trainer.strategy.root_device.type == "cpu":  # the module itself is not on its device yet
+            # torch.nn.SyncBatchNorm refuses CPU tensors in its forward (CUDA, XPU, HPU only, torch 2.14).
+            raise ValueError(
+                f"norm='sync_batch' with {self.trainer.world_size} processes on CPU: torch's SyncBatchNorm runs on "
+                "GPUs only. Use --model.norm group (batch-size independent), or run the processes on GPUs."
             )
         elif not any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)

@@ -57,6 +57,8 @@ def test_param_groups_reject_unknown_names():
         (ResNetClassifier, {"arch": "resnet19"}, r"arch='resnet19' is not supported: choose one of \['resnet18'"),
         (ResNetClassifier, {"norm": "layer"}, r"norm='layer' is not supported"),
         (ResNetClassifier, {"stem": "tiny"}, r"stem='tiny' is not supported"),
+        (ResNetClassifier, {"stem": "imagenet", "stem_stride": 2}, r"stem_stride=2 is invalid: use 1, or 2 with stem='small'"),
+        (ViTClassifier, {"patch_size": 4, "image_size": 16, "conv_stem": [32]}, r"conv_stem=\[32\] with patch_size=4: .* at least log2"),
         (ResNetClassifier, {"norm": "group", "group_norm_groups": 7}, r"group_norm_groups=7 must divide"),
         (ViTClassifier, {"image_size": 8, "patch_size": 3}, r"patch_size=3 does not divide image_size=8: .*\[1, 2, 4, 8\]"),
         (ViTClassifier, {"width": 100, "heads": 8}, r"heads=8 does not divide width=100"),
@@ -133,3 +135,13 @@ def test_vit_rejects_a_train_crop_different_from_the_val_crop(tmp_path):
         vit_main(["fit", "--data=ImageFolderDataModule", f"--data.root={root}", "--data.train_crop_size=16",
                   "--data.val_resize_size=32", "--data.val_crop_size=32", "--model.patch_size=8", *FAST,
                   f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+
+
+def test_sync_batch_under_ddp_on_cpu_fails_up_front():
+    from types import SimpleNamespace
+
+    model = ResNetClassifier(norm="sync_batch")
+    # What module.setup() sees of a 2-process CPU DDP Trainer (a real one would spawn processes).
+    model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")), datamodule=None)
+    with pytest.raises(ValueError, match=r"norm='sync_batch' with 2 processes on CPU: .* Use --model.norm group"):
+        model.setup("fit")
