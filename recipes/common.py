@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -120,8 +121,15 @@ class RecipeCLI(LightningCLI):
 
 
 def run_cli(model_class: type[ImageClassifier], default_config: str, args: Optional[list[str]] = None) -> RecipeCLI:
-    """Start a recipe's CLI with ``recipes/configs/<default_config>`` as the defaults every run starts from."""
-    defaults = {"default_config_files": [str(CONFIG_DIR / default_config)]}
+    """Start a recipe's CLI; without ``--config`` its defaults are ``recipes/configs/<default_config>`` (digits).
+
+    A ``--config`` file replaces those defaults instead of being layered on them: the digits choices (16-px
+    inputs, a conv stem, a stride-2 stem) must not leak into a CIFAR-10 or ImageNet config that does not
+    mention them. Every shipped config is therefore complete on its own.
+    """
+    argv = sys.argv[1:] if args is None else args
+    has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    defaults = {"default_config_files": [] if has_config else [str(CONFIG_DIR / default_config)]}
     with warnings.catch_warnings():
         # Lightning 2.6's pytree helper uses an API torch >= 2.10 deprecated; nothing a user can act on.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=Warning)

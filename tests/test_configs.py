@@ -83,3 +83,14 @@ def test_config_smoke_run(config, tmp_path, monkeypatch):
     )
     ckpts = list(tmp_path.glob("runs/*/version_0/checkpoints/last.ckpt"))
     assert len(ckpts) == 1, "every config saves a last.ckpt under runs/<name>/version_0"
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [("vit_cifar10.yaml", "conv_stem: null"), ("resnet18_cifar10.yaml", "stem_stride: 1")],
+)
+def test_a_config_replaces_the_digits_defaults_instead_of_inheriting_them(config, expected, capsys):
+    # The digits defaults (conv stem, stride-2 stem, 16-px inputs) must not leak into other data sets' configs.
+    with pytest.raises(SystemExit):
+        _main(CONFIG_DIR / config)(["fit", f"--config={CONFIG_DIR / config}", "--print_config"])
+    assert f"  {expected}\n" in capsys.readouterr().out
