@@ -51,9 +51,6 @@ class ShardedBoringModel(TwoLayerBoringModel):
         fully_shard(self.layer, mesh=mesh)
 
 
-
-
-
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 

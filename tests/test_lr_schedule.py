@@ -218,9 +218,6 @@ class LRRecorder(L.Callback):
         self.weights[trainer.global_step] = pl_module.layer.weight.detach().clone()
 
 
-
-
-
 def make_trainer(**kwargs) -> L.Trainer:
     defaults = dict(
         accelerator="cpu",
