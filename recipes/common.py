@@ -1,4 +1,5 @@
-"""What the ResNet and ViT recipes share: parameter groups, the classification steps and metrics, the CLI."""
+"""What the ResNet and ViT recipes share: parameter groups, the classification steps and metrics, the CLI,
+and the precision / strategy checks and FSDP2 sharding that make every recipe run under every Trainer setting."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -52,6 +56,8 @@ class ImageClassifier(LightningModule):
 
     #: Data-module attributes the CLI copies into the model's arguments before anything is built.
     data_links: Sequence[str] = ("num_classes", "in_channels")
+    #: Whether ``precision='bf16-true' / '16-true'`` (weights and optimizer state in 16 bits) is allowed.
+    supports_true_half: bool = True
 
     def __init__(self, *, num_classes: int, label_smoothing: float) -> None:
         super().__init__()
@@ -70,7 +76,46 @@ class ImageClassifier(LightningModule):
     def build_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The submodules that FSDP2 shards (and all-gathers) one at a time, in forward order."""
+        raise NotImplementedError
+
+    def configure_model(self) -> None:
+        """Under ModelParallelStrategy, apply FSDP2's ``fully_shard`` to every unit and then to the root (ZeRO-3).
+
+        One unit at a time is all-gathered in forward and backward and freed after, so the peak holds one
+        unit's full parameters; the root call shards what is left (embeddings, head). Other strategies wrap
+        the model themselves and this does nothing.
+        """
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # configure_model runs again on validate/test after fit
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for unit in self.fsdp_units():
+            fully_shard(unit, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def setup(self, stage: str) -> None:
+        precision = str(getattr(self.trainer, "precision", "32-true"))
+        if precision in ("bf16-true", "16-true"):
+            if not self.supports_true_half:
+                raise ValueError(
+                    f"precision={precision!r} with {type(self).__name__}: BatchNorm running statistics and SGD momentum "
+                    "in 16 bits lose the small updates they accumulate. Use --trainer.precision bf16-mixed "
+                    "(16-bit compute, float32 weights)."
+                )
+            dtype = "bfloat16" if precision == "bf16-true" else "float16"
+            spacing = torch.finfo(getattr(torch, dtype)).eps
+            warnings.warn(
+                f"precision={precision!r} keeps the weights, gradients and AdamW state in {dtype}: an update smaller "
+                f"than half the spacing of a weight's value is lost (spacing {spacing:.2g} at 1.0, so 1.0 + 1e-6 added "
+                "1000 times stays 1.0 instead of reaching about 1.001). Use --trainer.precision bf16-mixed to keep float32 master "
+                "weights.",
+                stacklevel=2,
+            )
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         for name in self.data_links:
             ours, theirs = self.hparams.get(name), getattr(datamodule, name, None)
@@ -118,6 +163,43 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         for name in self.model_class.data_links:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        # Private in Lightning 2.6 (the public instantiate_trainer only forwards here), but it is the one point
+        # that sees the instantiated strategy / plugins before the Trainer (and any process launch) exists.
+        _check_precision_and_strategy(config)
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _check_precision_and_strategy(config: dict[str, Any]) -> None:
+    """Fail before any process starts on a combination that cannot run; give CPU its real fp16 AMP.
+
+    Edits the Trainer arguments in place: ``precision='16-mixed'`` on CPU becomes the equivalent precision
+    plugin with a CPU GradScaler, because Lightning 2.6 silently swaps CPU 16-mixed for bf16-mixed.
+    """
+    strategy, precision = config.get("strategy"), str(config.get("precision"))
+    accelerator = str(config.get("accelerator") or "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    fsdp1 = isinstance(strategy, FSDPStrategy) or (isinstance(strategy, str) and strategy.startswith("fsdp"))
+    if fsdp1 and on_cpu:
+        label = repr(strategy) if isinstance(strategy, str) else type(strategy).__name__
+        raise ValueError(
+            f"strategy={label} on CPU (accelerator={accelerator!r}): Lightning's FSDPStrategy (FSDP1) needs GPUs. "
+            "Use the FSDP2 route, which runs on CPU with gloo: --trainer.strategy "
+            "lightning.pytorch.strategies.ModelParallelStrategy (see recipes/configs/vit_b16_imagenet_fsdp2.yaml)."
+        )
+    if precision in ("16-mixed", "16") and isinstance(strategy, ModelParallelStrategy):
+        raise ValueError(
+            f"precision={precision!r} with strategy=ModelParallelStrategy (FSDP2): Lightning has no sharded GradScaler "
+            "for it. Use --trainer.precision bf16-mixed (no scaler needed) or 32-true."
+        )
+    plugins = config.get("plugins") or []
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if precision in ("16-mixed", "16") and on_cpu and not any(isinstance(p, Precision) for p in plugins):
+        # Lightning 2.6.6 turns CPU 16-mixed into bf16-mixed with a warning; torch has fp16 autocast and a
+        # dynamic GradScaler on CPU, so run what was asked for.
+        config["precision"] = None
+        config["plugins"] = [*plugins, MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
 
 
 def run_cli(model_class: type[ImageClassifier], default_config: str, args: Optional[list[str]] = None) -> RecipeCLI:

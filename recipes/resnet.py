@@ -23,6 +23,8 @@ ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 class ResNetClassifier(ImageClassifier):
     """A ResNet classifier; the arguments below are the recipe's whole model and optimizer config."""
 
+    supports_true_half = False
+
     def __init__(
         self,
         num_classes: int = 10,
@@ -100,6 +102,10 @@ class ResNetClassifier(ImageClassifier):
             )
         elif not any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        # The four residual stages; the stem and the head stay with the root unit.
+        return [self.model.layer1, self.model.layer2, self.model.layer3, self.model.layer4]
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(

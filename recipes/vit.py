@@ -8,14 +8,29 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import ConvStemConfig
 
 from lightning_recipes.recipes.common import ImageClassifier, param_groups, run_cli
+
+
+class CheckpointedBlocks(nn.Sequential):
+    """The encoder's blocks, each recomputed in backward instead of keeping its activations (Chen et al. 2016).
+
+    A Sequential subclass, so parameter names and checkpoints are those of the plain model. Non-reentrant
+    checkpointing composes with FSDP2's per-block hooks and with autocast (it replays the autocast state).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False) if torch.is_grad_enabled() else block(x)
+        return x
 
 
 class ViTClassifier(ImageClassifier):
@@ -36,6 +51,7 @@ class ViTClassifier(ImageClassifier):
         conv_stem: Optional[list[int]] = None,
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
+        activation_checkpointing: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -56,6 +72,9 @@ class ViTClassifier(ImageClassifier):
                 last log2(patch_size) with stride 2, then a 1×1 conv to ``width``. None = the standard patchify.
             dropout: dropout after the embedding, attention output and MLP.
             attention_dropout: dropout on the attention weights.
+            activation_checkpointing: keep only each encoder block's input in forward and recompute the block in
+                backward: same loss and gradients, activation memory of one block instead of ``depth`` blocks,
+                about one more forward of compute.
             lr: peak AdamW learning rate; the config's LRSchedule callback warms up to it and decays it.
             weight_decay: decoupled weight decay on matrices only (not norms, biases, pos-embedding, class token).
             betas: AdamW's moment decay rates.
@@ -104,6 +123,8 @@ class ViTClassifier(ImageClassifier):
             nn.init.trunc_normal_(proj.weight, std=math.sqrt(1 / (in_channels * patch_size**2)))
             nn.init.zeros_(proj.bias)
             self.model.conv_proj = proj
+        if activation_checkpointing:
+            self.model.encoder.layers = CheckpointedBlocks(OrderedDict(self.model.encoder.layers.named_children()))
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -114,6 +135,9 @@ class ViTClassifier(ImageClassifier):
                 "a ViT's position embeddings fix one input size. Set --data.train_crop_size and "
                 "--data.val_crop_size to the same value."
             )
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return list(self.model.encoder.layers)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(

@@ -133,7 +133,7 @@ def test_vit_rejects_a_train_crop_different_from_the_val_crop(tmp_path):
     root = write_tree(tmp_path / "images")
     with pytest.raises(ValueError, match=r"data train_crop_size=16 differs from image_size=32"):
         vit_main(["fit", "--data=ImageFolderDataModule", f"--data.root={root}", "--data.train_crop_size=16",
-                  "--data.val_resize_size=32", "--data.val_crop_size=32", "--model.patch_size=8", *FAST,
+                  "--data.val_resize_size=32", "--data.val_crop_size=32", "--model.patch_size=8", "--model.conv_stem=null", *FAST,
                   f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
 
 
