@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50
 
 from lightning_recipes.recipes.common import ImageClassifier, param_groups, run_cli
+from lightning_recipes.recipes.sync_batchnorm import GlobalBatchNorm2d, convert_to_global_batchnorm
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
 
@@ -94,13 +95,13 @@ class ResNetClassifier(ImageClassifier):
                 "It takes effect under a distributed strategy (e.g. --trainer.strategy ddp --trainer.devices 2).",
                 stacklevel=2,
             )
+        elif any(isinstance(m, (nn.SyncBatchNorm, GlobalBatchNorm2d)) for m in self.model.modules()):
+            return  # converted by an earlier stage (fit, then test)
         elif self.trainer.strategy.root_device.type == "cpu":  # the module itself is not on its device yet
-            # torch.nn.SyncBatchNorm refuses CPU tensors in its forward (CUDA, XPU, HPU only, torch 2.14).
-            raise ValueError(
-                f"norm='sync_batch' with {self.trainer.world_size} processes on CPU: torch's SyncBatchNorm runs on "
-                "GPUs only. Use --model.norm group (batch-size independent), or run the processes on GPUs."
-            )
-        elif not any(isinstance(m, nn.SyncBatchNorm) for m in self.model.modules()):
+            # torch's SyncBatchNorm refuses CPU tensors (CUDA, XPU, HPU only, torch 2.14): same statistics,
+            # computed with an autograd-aware all-reduce that gloo runs.
+            self.model = convert_to_global_batchnorm(self.model)
+        else:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
     def fsdp_units(self) -> list[nn.Module]:

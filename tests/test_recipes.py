@@ -137,11 +137,16 @@ def test_vit_rejects_a_train_crop_different_from_the_val_crop(tmp_path):
                   f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
 
 
-def test_sync_batch_under_ddp_on_cpu_fails_up_front():
+def test_sync_batch_under_ddp_on_cpu_uses_the_gloo_capable_batchnorm():
     from types import SimpleNamespace
 
+    from lightning_recipes.recipes.sync_batchnorm import GlobalBatchNorm2d
+
     model = ResNetClassifier(norm="sync_batch")
+    weight = model.model.bn1.weight
     # What module.setup() sees of a 2-process CPU DDP Trainer (a real one would spawn processes).
     model._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")), datamodule=None)
-    with pytest.raises(ValueError, match=r"norm='sync_batch' with 2 processes on CPU: .* Use --model.norm group"):
-        model.setup("fit")
+    model.setup("fit")
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 20 and all(type(m) is GlobalBatchNorm2d for m in norms)
+    assert model.model.bn1.weight is weight  # the optimizer's parameters are the same objects
