@@ -2,11 +2,18 @@
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["GradNormMonitor", "LRSchedule"]
+__all__ = ["GradNormMonitor", "GradientAccumulation", "LRSchedule", "ResumableCheckpoint"]
 
-_MODULES = {"GradNormMonitor": "grad_norm", "LRSchedule": "lr_schedule"}
+_MODULES = {
+    "GradNormMonitor": "grad_norm",
+    "GradientAccumulation": "accumulation",
+    "LRSchedule": "lr_schedule",
+    "ResumableCheckpoint": "checkpoint",
+}
 
 if TYPE_CHECKING:
+    from .accumulation import GradientAccumulation
+    from .checkpoint import ResumableCheckpoint
     from .grad_norm import GradNormMonitor
     from .lr_schedule import LRSchedule
 

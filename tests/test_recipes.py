@@ -94,8 +94,8 @@ FAST = ["--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.lim
 def test_cli_fit_then_validate_test_predict(main, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["fit", *FAST, "--data.batch_size=16"])
-    ckpts = sorted(tmp_path.glob("runs/*/version_0/checkpoints/*.ckpt"))
-    assert [c.name for c in ckpts if c.name == "last.ckpt"] == ["last.ckpt"]
+    # ResumableCheckpoint writes to <default_root_dir>/checkpoints, the logger to runs/<name>/version_N.
+    (last,) = tmp_path.glob("runs/*/checkpoints/last.ckpt")
     (run_dir,) = tmp_path.glob("runs/*/version_0")
     assert (run_dir / "config.yaml").is_file() and (run_dir / "hparams.yaml").is_file()
     (events,) = run_dir.glob("events.out.tfevents.*")
@@ -104,7 +104,7 @@ def test_cli_fit_then_validate_test_predict(main, tmp_path, monkeypatch):
     logged = set(accumulator.Tags()["scalars"])
     # The default config's callbacks: LRSchedule names the recipe's two parameter groups, GradNormMonitor logs.
     assert {"train/loss", "train/acc", "lr/decay", "lr/no_decay", "grad_norm/total", "grad_norm/total_post_clip"} <= logged
-    last = str(run_dir / "checkpoints" / "last.ckpt")
+    last = str(last)
     for sub in ("validate", "test", "predict"):
         main([sub, f"--ckpt_path={last}", "--trainer.limit_val_batches=2", "--trainer.limit_test_batches=2",
               "--trainer.limit_predict_batches=2", "--trainer.enable_progress_bar=false"])

@@ -1,0 +1,373 @@
+"""Gradient accumulation set by the global batch size, with every window weighted exactly, as a Lightning callback.
+
+Copy this one file into your project: it needs torch and lightning only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from typing_extensions import override
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
+
+__all__ = ["GradientAccumulation"]
+
+SCHEDULE_UNITS = ("epoch", "step")
+PARTIAL_WINDOWS = ("mean", "drop")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
+
+
+def _accumulation(global_batch_size: int, micro_batch_size: int, replicas: int, what: str) -> int:
+    """``k = global / (micro x replicas)``, or a ``MisconfigurationException`` that names the nearest valid choices."""
+    per_step = micro_batch_size * replicas
+    if global_batch_size % per_step == 0:
+        return global_batch_size // per_step
+    below = (global_batch_size // per_step) * per_step
+    choices = [str(n) for n in (below, below + per_step) if n > 0]
+    micro_hint = ""
+    if global_batch_size % replicas == 0:  # micro batch sizes m with m x replicas dividing the global batch
+        q = global_batch_size // replicas
+        micros = {d for i in range(1, math.isqrt(q) + 1) if q % i == 0 for d in (i, q // i)}
+        near = sorted(sorted(micros, key=lambda m: (abs(m - micro_batch_size), m))[:2])
+        micro_hint = (
+            f", or a micro batch size m with m x {replicas} dividing {global_batch_size}"
+            f" (e.g. {' or '.join(map(str, near))})"
+        )
+    raise MisconfigurationException(
+        f"GradientAccumulation: {what} = {global_batch_size} is not a multiple of micro batch {micro_batch_size} x"
+        f" {replicas} data-parallel processes = {per_step}. Nearest valid global batch sizes: {' or '.join(choices)}"
+        f"{micro_hint}"
+    )
+
+
+def _planned_steps(
+    num_batches: int, max_epochs: int, max_steps: int, ks: list[tuple[int, int]], unit: str
+) -> int:
+    """The number of optimizer steps of a run, by the same rule the callback applies at every window start.
+
+    ``ks`` lists ``(start, k)`` sorted by ``start`` (epochs or optimizer steps). A new ``k`` takes effect at the first
+    window start, at or after its ``start``, whose batch index in the epoch is a multiple of the new ``k``: windows
+    then stay aligned to Lightning's ``batch_idx % k`` rule and never straddle a change.
+    """
+
+    def k_at(t: int) -> int:
+        return [k for start, k in ks if start <= t][-1]
+
+    step, k = 0, ks[0][1]
+    for epoch in range(max_epochs):
+        b = 0
+        while b < num_batches:
+            target = k_at(epoch if unit == "epoch" else step)
+            if target != k and b % target == 0:
+                k = target
+            b = min(num_batches, (b // k + 1) * k)
+            step += 1
+            if 0 <= max_steps <= step:
+                return step
+    return step
+
+
+class GradientAccumulation(Callback):
+    """Accumulates gradients to reach a global batch size, weighting every sample of a window equally.
+
+    **k from the global batch size.** At ``setup`` the callback sets ``Trainer.accumulate_grad_batches`` to
+    ``k = global_batch_size / (micro batch x data-parallel processes)``. The micro batch is ``micro_batch_size``,
+    else the ``batch_size`` attribute of the LightningModule, its ``hparams`` or the data module.
+
+    **Exact windows.** Lightning divides every micro-batch loss by ``k``. That is the window mean only when the
+    window holds ``k`` batches of equal size: the last window of an epoch whose length is not a multiple of ``k``
+    is under-weighted, and a smaller last batch is over-weighted. This callback scales each micro-batch loss by
+    its size relative to the window's first batch and, at the window's last backward, the gradients by
+    ``k x first batch / samples in the window``, so that the accumulated gradient is the mean over all samples of
+    the window, whatever its size. Full windows of equal batches (all but at most one window per epoch) are left
+    untouched: no extra work. ``partial_window="drop"`` instead discards the gradient of a window with fewer than
+    ``k`` micro-batches: the optimizer step still counts (the LR schedule and ``estimated_stepping_batches`` stay
+    aligned) but parameters and optimizer state are not changed. The loss must be a mean over the batch's first
+    dimension (the size Lightning's ``extract_batch_size`` finds); under DDP every process must see the same number
+    of samples per window, as ``DistributedSampler`` ensures.
+
+    **Schedule.** ``schedule={start: global batch size}`` grows the global batch from epoch (``schedule_unit=
+    "epoch"``) or optimizer step (``"step"``) ``start``; sizes must not decrease. A step-based change takes effect at
+    the first window start at or after ``start`` whose batch index is a multiple of the new ``k``. With a schedule
+    the callback sets ``Trainer(max_steps)`` to the planned number of optimizer steps (when that is the tighter
+    limit) at ``on_fit_start``, so that ``trainer.estimated_stepping_batches`` and an ``LRSchedule`` read there or
+    later are exact; a scheduler built in ``configure_optimizers`` runs before and sees the first ``k`` only.
+
+    **BatchNorm** normalises over the micro-batch, not the global batch: with ``k > 1`` the callback warns once with
+    the effective BatchNorm batch size and the alternatives. Under DDP Lightning all-reduces once per optimizer step
+    (``no_sync`` during accumulation); this callback keeps it so.
+
+    Logs every ``log_every_n_steps`` optimizer steps (default: the Trainer's), from rank zero:
+    ``accumulation/global_batch_size`` (samples in the window that stepped, over all processes),
+    ``accumulation/samples_seen`` (cumulative) and ``accumulation/micro_batches`` (the window's micro-batches).
+
+    Args:
+        global_batch_size: Samples per optimizer step over all data-parallel processes, from the start of training.
+        micro_batch_size: Samples per process per forward pass; default: the ``batch_size`` attribute found by
+            Lightning's ``lightning_getattr``.
+        schedule: ``{start: global batch size}`` for ``start >= 1``, non-decreasing sizes ``>= global_batch_size``.
+        schedule_unit: ``"epoch"`` or ``"step"``: what the schedule's keys count.
+        partial_window: ``"mean"`` (exact mean over the window's samples) or ``"drop"``.
+        log_every_n_steps: Log every this many optimizer steps; default: ``Trainer(log_every_n_steps)``.
+    """
+
+    def __init__(
+        self,
+        *,
+        global_batch_size: int,
+        micro_batch_size: Optional[int] = None,
+        schedule: Optional[dict[int, int]] = None,
+        schedule_unit: str = "epoch",
+        partial_window: str = "mean",
+        log_every_n_steps: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("global_batch_size", global_batch_size)
+        for name, value in (("micro_batch_size", micro_batch_size), ("log_every_n_steps", log_every_n_steps)):
+            if value is not None:
+                _check_positive_int(name, value)
+        if schedule_unit not in SCHEDULE_UNITS:
+            raise ValueError(
+                f"`schedule_unit` must be one of {', '.join(map(repr, SCHEDULE_UNITS))}, got {schedule_unit!r}"
+            )
+        if partial_window not in PARTIAL_WINDOWS:
+            raise ValueError(
+                f"`partial_window` must be one of {', '.join(map(repr, PARTIAL_WINDOWS))}, got {partial_window!r}"
+            )
+        schedule = dict(schedule or {})
+        valid_keys = all(_is_int(k) and k >= 1 for k in schedule)
+        if not valid_keys or not all(_is_int(v) and v >= 1 for v in schedule.values()):
+            raise ValueError(
+                f"`schedule` must map integer starts >= 1 (the size at 0 is `global_batch_size`) to integer global"
+                f" batch sizes >= 1, got {schedule!r}"
+            )
+        sizes = [global_batch_size] + [schedule[k] for k in sorted(schedule)]
+        if any(b < a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(
+                f"`schedule` must not decrease the global batch size: global_batch_size={global_batch_size} then"
+                f" {dict(sorted(schedule.items()))!r}"
+            )
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.schedule = dict(sorted(schedule.items()))
+        self.schedule_unit = schedule_unit
+        self.partial_window = partial_window
+        self.log_every_n_steps = log_every_n_steps
+        #: ``(start, k)`` resolved at setup, sorted by start.
+        self.ks: list[tuple[int, int]] = []
+        self.samples_seen = 0
+        self._k: Optional[int] = None  # accumulation of the window in progress (restored on resume)
+        self._replicas = 1
+        self._trainer_k: Optional[int] = None  # the value we found on the Trainer, restored at teardown
+        self._trainer_max_steps: Optional[int] = None
+        self._window = _Window()
+        self._loss_factor = 1.0
+        self._loaded: Optional[dict[str, Any]] = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(global_batch_size=self.global_batch_size)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        # A fit that ended in an exception got no `teardown` (and checkpoints saved on the exception needed our k):
+        # hand back the Trainer's own settings now.
+        self.teardown(trainer, pl_module, stage)
+        mine = f"GradientAccumulation(global_batch_size={self.global_batch_size})"
+        if trainer.accumulate_grad_batches != 1:
+            raise MisconfigurationException(
+                f"{mine} sets the accumulation itself, but Trainer(accumulate_grad_batches="
+                f"{trainer.accumulate_grad_batches}) is set too: remove one of them"
+            )
+        for callback in trainer.callbacks:
+            if isinstance(callback, GradientAccumulationScheduler):
+                raise MisconfigurationException(
+                    f"{mine} and GradientAccumulationScheduler(scheduling={callback.scheduling}) both set"
+                    " Trainer.accumulate_grad_batches: use GradientAccumulation(schedule=...) instead"
+                )
+        if trainer.strategy.handles_gradient_accumulation:
+            raise MisconfigurationException(
+                f"{mine} cannot drive {type(trainer.strategy).__name__}, which accumulates gradients itself"
+            )
+        if not pl_module.automatic_optimization:
+            raise MisconfigurationException(
+                f"{mine} needs automatic optimization, but {type(pl_module).__name__}.automatic_optimization is False"
+            )
+        micro = self.micro_batch_size
+        if micro is None:
+            if not lightning_hasattr(pl_module, "batch_size"):
+                raise MisconfigurationException(
+                    f"{mine} needs the micro batch size, but neither {type(pl_module).__name__}, its hparams nor the"
+                    " data module has a `batch_size` attribute: pass GradientAccumulation(micro_batch_size=...)"
+                )
+            micro = lightning_getattr(pl_module, "batch_size")
+            if not _is_int(micro) or micro < 1:
+                raise MisconfigurationException(
+                    f"{mine}: the `batch_size` attribute found by lightning_getattr is {micro!r}, not an integer >= 1:"
+                    " pass GradientAccumulation(micro_batch_size=...)"
+                )
+        # Data-parallel replicas, not the world size: tensor-parallel ranks share one batch.
+        replicas = int((getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1))
+        self._replicas = replicas
+        self.ks = [(0, _accumulation(self.global_batch_size, micro, replicas, "global_batch_size"))]
+        for start, size in self.schedule.items():
+            self.ks.append((start, _accumulation(size, micro, replicas, f"schedule[{start}]")))
+        self._micro = micro
+        self._trainer_k = trainer.accumulate_grad_batches
+        self._k = self.ks[0][1]
+        trainer.accumulate_grad_batches = self._k
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Optimizers, `configure_model` and `sync_batchnorm` are in place from here on.
+        if max(k for _, k in self.ks) > 1:
+            self._warn_batchnorm(trainer, pl_module)
+        if len(self.ks) > 1 and trainer.max_epochs is not None and trainer.max_epochs >= 0:
+            estimated = trainer.estimated_stepping_batches  # loads the train dataloader if needed
+            batches = trainer.num_training_batches
+            if batches != float("inf") and batches > 0:
+                planned = _planned_steps(
+                    int(batches), trainer.max_epochs, trainer.max_steps, self.ks, self.schedule_unit
+                )
+                if planned < estimated:
+                    self._trainer_max_steps = trainer.max_steps
+                    # Lightning 2.6: `Trainer.max_steps` has no setter; the epoch loop holds the limit.
+                    trainer.fit_loop.epoch_loop.max_steps = planned
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loaded, self._loaded = self._loaded, None
+        if loaded:
+            self._k = int(loaded["k"])
+            self.samples_seen = int(loaded["samples_seen"])
+            self._window = _Window(**loaded["window"])
+        trainer.accumulate_grad_batches = self._k
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        k = trainer.accumulate_grad_batches
+        if batch_idx % k == 0:  # Lightning zeroes the gradients here: a window starts
+            t = trainer.current_epoch if self.schedule_unit == "epoch" else trainer.global_step
+            target = [k for start, k in self.ks if start <= t][-1]
+            if target != k and batch_idx % target == 0:
+                k = trainer.accumulate_grad_batches = target
+            self._k = k
+            self._window = _Window()
+        size = int(extract_batch_size(batch))
+        window = self._window
+        if window.first == 0:
+            window.first = size
+        window.samples += size
+        window.micro_batches += 1
+        self._loss_factor = size / window.first
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._loss_factor != 1.0:
+            # Lightning divided the loss by k; a batch of a different size than the window's first one gets its
+            # share of the window mean instead. In place: Lightning backpropagates through this very tensor, and
+            # nothing saved its value for the graph (it is the output of the division by k).
+            loss.mul_(self._loss_factor)
+
+    @override
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning 2.6: the loop's own decision whether this batch ends the window (public hooks do not expose it).
+        if trainer.fit_loop._should_accumulate():
+            return
+        window, k = self._window, trainer.accumulate_grad_batches
+        params = [p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]]
+        if self.partial_window == "drop" and window.micro_batches < k:
+            for p in params:
+                p.grad = None  # torch optimizers skip parameters without a gradient: no update, state untouched
+        else:
+            correction = k * window.first / window.samples
+            if correction != 1.0:
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.grad.mul_(correction)
+        global_size = window.samples * self._replicas
+        self.samples_seen += global_size
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        step = trainer.global_step  # the index of the optimizer step about to run, as LRSchedule logs it
+        if every > 0 and (step + 1) % every == 0 and trainer.is_global_zero:
+            metrics = {
+                "accumulation/global_batch_size": float(global_size),
+                "accumulation/samples_seen": float(self.samples_seen),
+                "accumulation/micro_batches": float(window.micro_batches),
+            }
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self._trainer_k is not None:
+            trainer.accumulate_grad_batches = self._trainer_k
+            self._trainer_k = None
+        if self._trainer_max_steps is not None:
+            trainer.fit_loop.epoch_loop.max_steps = self._trainer_max_steps
+            self._trainer_max_steps = None
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._k is None:
+            return {}
+        window = self._window
+        return {
+            "k": self._k,
+            "samples_seen": self.samples_seen,
+            "window": {"first": window.first, "samples": window.samples, "micro_batches": window.micro_batches},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = dict(state_dict) if state_dict else None
+
+    def _warn_batchnorm(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # `_BatchNorm` is torch's common base of BatchNorm1d/2d/3d, their Lazy variants and SyncBatchNorm.
+        norms = [(n, m) for n, m in pl_module.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        synced = all(isinstance(m, torch.nn.SyncBatchNorm) for _, m in norms)
+        bn_batch = self._micro * (self._replicas if synced else 1)
+        k = max(k for _, k in self.ks)
+        names = ", ".join(n for n, _ in norms[:3]) + (f" and {len(norms) - 3} more" if len(norms) > 3 else "")
+        largest = max([self.global_batch_size, *self.schedule.values()])
+        rank_zero_warn(
+            f"GradientAccumulation: the model has {len(norms)} BatchNorm layer(s) ({names}). With up to {k}"
+            f" micro-batches per optimizer step they normalise over {bn_batch} samples (the"
+            f" {'synchronised ' if synced else ''}micro batch), not over the global batch of {largest},"
+            " so accumulation does not reproduce large-batch training. Alternatives: SyncBatchNorm"
+            " (Trainer(sync_batchnorm=True): BatchNorm batch = micro batch x processes), GroupNorm or LayerNorm"
+            " (independent of the batch; `--model.norm group` in the ResNet recipe), or a larger micro batch."
+        )
+
+
+class _Window:
+    """Samples and micro-batches of the accumulation window in progress; ``first`` is its first batch's size."""
+
+    def __init__(self, first: int = 0, samples: int = 0, micro_batches: int = 0) -> None:
+        self.first, self.samples, self.micro_batches = first, samples, micro_batches
