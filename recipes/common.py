@@ -70,7 +70,7 @@ class ImageClassifier(LightningModule):
         self.metric_names = {1: "acc", 5: "acc_top5"}
         for stage in ("train", "val", "test"):
             for k in top_k:
-                setattr(self, f"{stage}_{self.metric_names[k]}", MulticlassAccuracy(num_classes, top_k=k))
+                setattr(self, f"{stage}_{self.metric_names[k]}", MulticlassAccuracy(num_classes, top_k=k, average="micro"))
         self.top_k = top_k
 
     def build_optimizer(self) -> torch.optim.Optimizer:

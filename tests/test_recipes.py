@@ -150,3 +150,11 @@ def test_sync_batch_under_ddp_on_cpu_uses_the_gloo_capable_batchnorm():
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(norms) == 20 and all(type(m) is GlobalBatchNorm2d for m in norms)
     assert model.model.bn1.weight is weight  # the optimizer's parameters are the same objects
+
+
+def test_accuracy_is_the_share_of_correct_predictions_not_a_class_average():
+    module = ResNetClassifier()
+    targets = torch.tensor([0, 0, 0, 1])
+    logits = torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), 10).float()  # always predicts 0
+    # 3 of 4 right; the macro average over the 2 classes present would say 0.5.
+    assert module.val_acc(logits, targets).item() == 0.75
