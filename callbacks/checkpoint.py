@@ -534,7 +534,10 @@ class ResumableCheckpoint(ModelCheckpoint):
         if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
             return loader  # resumable already (e.g. torchdata's StatefulDataLoader): Lightning restores it
         reason, sampler = None, getattr(loader, "sampler", None)
-        if type(loader) is not DataLoader:
+        if trainer.overfit_batches > 0:
+            # Lightning re-creates the loader with a SequentialSampler for overfit_batches, replacing ours.
+            reason = f"Trainer(overfit_batches={trainer.overfit_batches}) replaces its sampler"
+        elif type(loader) is not DataLoader:
             reason = f"it is a {type(loader).__name__}, not a torch DataLoader"
         elif isinstance(loader.dataset, IterableDataset):
             reason = "its dataset is an IterableDataset"

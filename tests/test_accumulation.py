@@ -6,11 +6,11 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from recording_logger import RecordingLogger
 from lightning_recipes.callbacks import GradientAccumulation, LRSchedule
 
 B = 4  # micro batch
@@ -50,21 +50,6 @@ class Features(L.LightningModule):
         if self.batch_sampler is not None:
             return DataLoader(data, batch_sampler=self.batch_sampler)
         return DataLoader(data, batch_size=self.batch_size)
-
-
-class Rows(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
-
-    name = "rows"
-    version = 0
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
 
 
 class Windows(L.Callback):
@@ -181,7 +166,7 @@ def test_drop_discards_the_partial_window_but_counts_its_step():
 
 
 def test_logs_the_global_batch_and_samples_seen_per_step():
-    logger = Rows()
+    logger = RecordingLogger()
     _fit(Features(43), callbacks=[GradientAccumulation(global_batch_size=GLOBAL, log_every_n_steps=1)], logger=logger)
     rows = [(step, m) for step, m in logger.rows if "accumulation/global_batch_size" in m]
     assert [step for step, _ in rows] == [0, 1, 2]

@@ -7,16 +7,15 @@ cost); each rank writes what it saw to JSON and the tests below compare the rank
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import lightning.pytorch as L
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
 from recording_logger import RecordingLogger
+from two_processes import run_two_processes
 from lightning_recipes.callbacks import GradNormMonitor, LRSchedule
 
 pytestmark = pytest.mark.slow
@@ -133,10 +132,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("distributed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(out_dir)), nprocs=2, join=True, start_method="spawn")
+    run_two_processes(_worker, str(out_dir))
     results = {}
     for name in ("ddp", "fsdp2"):
         for rank in (0, 1):

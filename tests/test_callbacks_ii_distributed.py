@@ -6,17 +6,16 @@ rank writes what it saw to JSON and the tests below check it.
 
 import json
 import os
-import socket
 
 import lightning.pytorch as L
 import pytest
 import torch
-import torch.multiprocessing as mp
-from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from recording_logger import RecordingLogger
+from two_processes import run_two_processes
 from lightning_recipes.callbacks import GradientAccumulation, ResumableCheckpoint
 
 pytestmark = pytest.mark.slow
@@ -64,21 +63,6 @@ class CountAllReduces(L.Callback):
             return allreduce_hook(state, bucket)
 
         trainer.strategy.model.register_comm_hook(None, hook)
-
-
-class Rows(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows = []
-
-    name = "rows"
-    version = 0
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, *args, **kwargs):
-        pass
 
 
 class Noisy(Dataset):
@@ -182,7 +166,7 @@ def _trainer(strategy, root, callbacks, **kwargs):
 
 
 def _accumulation(rank: int, out: dict) -> None:
-    counter, logger = CountAllReduces(), Rows()
+    counter, logger = CountAllReduces(), RecordingLogger()
     callbacks = [GradientAccumulation(global_batch_size=16, log_every_n_steps=1), counter]
     trainer = _trainer(DDPStrategy(process_group_backend="gloo"), None, callbacks, max_epochs=1, logger=logger,
                        enable_checkpointing=False)  # fmt: skip
@@ -249,10 +233,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("callbacks_ii")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(out_dir)), nprocs=2, join=True, start_method="spawn")
+    run_two_processes(_worker, str(out_dir))
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

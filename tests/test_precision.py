@@ -44,7 +44,7 @@ def _losses(run_dir):
 @pytest.mark.parametrize("recipe", ["vit", "resnet"])
 def test_recipe_trains_saves_and_resumes_under_each_precision(recipe, precision, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # ModelCheckpoint of the config without a monitor: last.ckpt at every (one-batch) epoch end.
+    # The config's ResumableCheckpoint without a monitor: last.ckpt at every (one-batch) epoch end.
     cli = _fit(recipe, precision, tmp_path, f"--trainer.max_steps={STEPS}", "--trainer.callbacks.monitor=null")
     plugin = cli.trainer.precision_plugin
     assert plugin.precision == precision  # not silently bf16-mixed for 16-mixed on CPU (Lightning 2.6.6 would)
@@ -71,7 +71,7 @@ def test_recipe_trains_saves_and_resumes_under_each_precision(recipe, precision,
     else:
         assert {v.dtype for s in optimizer.state.values() for v in s.values() if v.ndim} == {torch.float32}
         assert losses[-1] < losses[0], losses  # one fixed batch: the loss must go down
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = tmp_path / "runs" / f"{recipe}_digits" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     assert saved["global_step"] == STEPS
     if precision == "16-mixed":

@@ -7,17 +7,16 @@ is most of the cost); each rank writes what it saw to files that the tests read.
 import json
 import math
 import os
-import socket
 import time
 
 import lightning.pytorch as L
 import pytest
 import torch
-import torch.multiprocessing as mp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
+from two_processes import run_two_processes
 from lightning_recipes.datamodules import DigitsDataModule
 from lightning_recipes.recipes.common import _check_precision_and_strategy
 from lightning_recipes.recipes.resnet import ResNetClassifier
@@ -156,10 +155,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("strategies")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(out_dir)), nprocs=2, join=True, start_method="spawn")
+    run_two_processes(_worker, str(out_dir))
 
     def load(name, rank):
         with open(out_dir / f"{name}-rank{rank}.json") as file:

@@ -1,15 +1,14 @@
 """norm: sync_batch under DDP on CPU: 2 processes × batch B compute what 1 process × batch 2B computes."""
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from two_processes import run_two_processes
 from lightning_recipes.recipes.resnet import ResNetClassifier
 from lightning_recipes.recipes.sync_batchnorm import GlobalBatchNorm2d
 
@@ -57,10 +56,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("syncbn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(out)), nprocs=2, join=True, start_method="spawn")
+    run_two_processes(_worker, str(out))
     return {norm: torch.load(out / f"{norm}.pt") for norm in ("sync_batch", "batch")}
 
 
