@@ -116,7 +116,7 @@ class ImageClassifier(LightningModule):
                 "weights.",
                 stacklevel=2,
             )
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         for name in self.data_links:
             ours, theirs = self.hparams.get(name), getattr(datamodule, name, None)
             if theirs is not None and ours != theirs:
