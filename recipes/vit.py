@@ -1,4 +1,4 @@
-"""Vision Transformer recipe: torchvision's ViT, AdamW, LayerNorm, clipping by norm, warmup + cosine.
+"""Vision Transformer recipe: torchvision's ViT, AdamW (or SGD to compare), LayerNorm, clipping by norm, warmup + cosine.
 
     python recipes/vit.py fit                       # digits, offline, a couple of minutes on 2 CPU cores
     python recipes/vit.py fit --config recipes/configs/vit_cifar10.yaml
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -52,9 +52,11 @@ class ViTClassifier(ImageClassifier):
         dropout: float = 0.0,
         attention_dropout: float = 0.0,
         activation_checkpointing: bool = False,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.999),
+        momentum: float = 0.9,
         label_smoothing: float = 0.1,
     ) -> None:
         """
@@ -75,9 +77,13 @@ class ViTClassifier(ImageClassifier):
             activation_checkpointing: keep only each encoder block's input in forward and recompute the block in
                 backward: same loss and gradients, activation memory of one block instead of ``depth`` blocks,
                 about one more forward of compute.
-            lr: peak AdamW learning rate; the config's LRSchedule callback warms up to it and decays it.
-            weight_decay: decoupled weight decay on matrices only (not norms, biases, pos-embedding, class token).
-            betas: AdamW's moment decay rates.
+            optimizer: ``adamw`` (the ViT default) or ``sgd`` (Nesterov momentum; for comparing the two, as
+                transformers are known to train poorly with SGD).
+            lr: peak learning rate; the config's LRSchedule callback warms up to it and decays it.
+            weight_decay: weight decay on matrices only (not norms, biases, pos-embedding, class token); decoupled
+                for AdamW, L2 added to the gradient for SGD.
+            betas: AdamW's moment decay rates (``optimizer: adamw`` only).
+            momentum: SGD's Nesterov momentum (``optimizer: sgd`` only).
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
         """
         super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
@@ -91,6 +97,16 @@ class ViTClassifier(ImageClassifier):
                 f"heads={heads} does not divide width={width}: choose heads among "
                 f"{[h for h in range(1, min(width, 64) + 1) if width % h == 0]}, or change width."
             )
+        if optimizer == "sgd" and tuple(betas) != (0.9, 0.999):
+            raise ValueError(
+                f"betas={tuple(betas)} is an AdamW setting but optimizer='sgd': drop --model.betas or use adamw."
+            )
+        if optimizer == "adamw" and momentum != 0.9:
+            raise ValueError(
+                f"momentum={momentum} is an SGD setting but optimizer='adamw': drop --model.momentum or use sgd."
+            )
+        if optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={optimizer!r} is not supported: use 'adamw' or 'sgd'.")
         strides = []
         if conv_stem:
             halvings = patch_size.bit_length() - 1
@@ -143,6 +159,8 @@ class ViTClassifier(ImageClassifier):
         groups = param_groups(
             self.model, self.hparams.weight_decay, no_decay=("class_token", "encoder.pos_embedding")
         )
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
         return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=self.hparams.betas)
 
 

@@ -33,6 +33,19 @@ def test_vit_param_groups_exclude_norms_biases_pos_embedding_and_class_token():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_vit_sgd_option_keeps_the_parameter_groups_and_rejects_the_other_optimizers_settings():
+    optimizer = ViTClassifier(depth=1, width=32, heads=2, mlp_dim=64, optimizer="sgd", momentum=0.8).build_optimizer()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert (optimizer.defaults["momentum"], optimizer.defaults["nesterov"]) == (0.8, True)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.0]
+    with pytest.raises(ValueError, match=r"betas=\(0.9, 0.95\) is an AdamW setting but optimizer='sgd'"):
+        ViTClassifier(optimizer="sgd", betas=(0.9, 0.95))
+    with pytest.raises(ValueError, match="momentum=0.5 is an SGD setting but optimizer='adamw'"):
+        ViTClassifier(momentum=0.5)
+    with pytest.raises(ValueError, match="optimizer='lamb' is not supported"):
+        ViTClassifier(optimizer="lamb")
+
+
 def test_resnet_param_groups_decay_only_conv_and_linear_weights():
     module = ResNetClassifier(arch="resnet18")
     optimizer = module.build_optimizer()
