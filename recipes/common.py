@@ -87,7 +87,9 @@ class ImageClassifier(LightningModule):
         unit's full parameters; the root call shards what is left (embeddings, head). Other strategies wrap
         the model themselves and this does nothing.
         """
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+        # `_trainer` is None when Lightning calls this outside a Trainer (load_from_checkpoint, Lightning 2.6):
+        # the public `trainer` property raises there.
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         from torch.distributed.fsdp import FSDPModule, fully_shard
 

@@ -171,3 +171,16 @@ def test_accuracy_is_the_share_of_correct_predictions_not_a_class_average():
     logits = torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), 10).float()  # always predicts 0
     # 3 of 4 right; the macro average over the 2 classes present would say 0.5.
     assert module.val_acc(logits, targets).item() == 0.75
+
+
+@pytest.mark.parametrize("model_class", [ViTClassifier, ResNetClassifier])
+def test_load_from_checkpoint_outside_a_trainer(model_class, tmp_path):
+    # Lightning calls configure_model while loading, with no Trainer attached.
+    module = model_class(depth=1, width=32, heads=2, mlp_dim=64) if model_class is ViTClassifier else model_class()
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=DigitsDataModule(batch_size=8))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = model_class.load_from_checkpoint(tmp_path / "model.ckpt")
+    for (name, expected), actual in zip(module.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(expected, actual), name

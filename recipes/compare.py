@@ -1,0 +1,554 @@
+"""Compare training runs side by side: run a grid of recipe variants × seeds, or read existing TensorBoard logs.
+
+    python recipes/compare.py run recipes/configs/experiments/warmup_vit.yaml        # runs the grid, then compares
+    python recipes/compare.py run GRID.yaml --seeds 0 --variants warmup --dry-run     # print the commands only
+    python recipes/compare.py logs runs/a runs/b --names a b --target-acc 0.95 --out runs/compare_ab
+
+Both write ``<out>/compare.md`` (the table, notes on every crashed / short / incomplete run, the plots),
+``<out>/compare.json`` (every run's figures) and PNG plots: val accuracy vs optimizer step and vs wall time,
+train loss, learning rate and gradient norm, one line per variant (mean over seeds) with a min–max band.
+
+A grid file (``recipes/configs/experiments/*.yaml``) is::
+
+    recipe: vit                  # vit | resnet: which recipe's CLI runs the variants
+    config: vit_digits.yaml      # optional: a file in recipes/configs/ or a path; default the recipe's digits config
+    seeds: [0, 1]
+    target_acc: 0.95             # optional: steps and wall time to reach this val/acc
+    base: {trainer: {max_epochs: 10}}          # optional: merged into the config of every variant
+    variants:                    # name -> overrides merged into the config (plus optional recipe / config keys)
+      warmup: {}
+      no_warmup:
+        trainer:
+          callbacks:
+            - {class_path: lightning_recipes.callbacks.LRSchedule, init_args: {warmup_fraction: 0.0}}
+
+Merging: mappings merge key by key, other values (lists included) replace, except ``trainer.callbacks``: an
+entry whose ``class_path`` is already in the list updates that callback's ``init_args``, ``remove: true``
+drops it, and a new ``class_path`` is appended. Every run gets its own folder ``<out>/<variant>/seed_<s>``
+with the exact ``config.yaml`` it ran, its console output ``log.txt``, ``run.json`` (exit code, wall time)
+and TensorBoard events in ``tb/``. A grid that stops half-way is continued by running the command again:
+finished runs (exit code 0) are kept, unless ``--rerun``.
+
+Figures come from the TensorBoard event files, read with tensorboard's own ``EventAccumulator``. Throughput
+and peak memory are logged by ``RunStats`` (Lightning's ``ThroughputMonitor`` plus peak memory), which the
+grid adds to every run; add it to your own runs' callbacks to get those columns for ``compare.py logs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ThroughputMonitor
+from typing_extensions import override
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+RECIPES = {"vit": "vit_digits.yaml", "resnet": "resnet_digits.yaml"}
+EVENTS = "events.out.tfevents."
+# Tags plotted and tabulated. LRSchedule logs lr/<param group>; the first group (decay) is the headline LR.
+VAL_ACC, VAL_LOSS, TRAIN_LOSS, GRAD_NORM = "val/acc", "val/loss", "train/loss", "grad_norm/total"
+THROUGHPUT_TAGS = ("train/samples_per_sec", "train/device/samples_per_sec")  # global (world > 1), per device
+PEAK_MEMORY = "train/peak_memory_mb"
+RUN_STATS = "lightning_recipes.recipes.compare.RunStats"
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (images of an (images, targets) pair)."""
+    while isinstance(batch, (list, tuple)):
+        batch = batch[0]
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    return len(batch)
+
+
+class RunStats(ThroughputMonitor):
+    """Lightning's ``ThroughputMonitor`` (``train/samples_per_sec``, validation excluded) plus ``train/peak_memory_mb``.
+
+    Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU and the process's peak resident set size on a
+    CPU, maximum over ranks, logged at every epoch end. Throughput is a rolling mean over ``window_size``
+    batches, so runs shorter than that log no throughput (the table then says which runs lack it).
+    """
+
+    def __init__(self, *, window_size: int = 20) -> None:
+        if not isinstance(window_size, int) or window_size < 2:
+            raise ValueError(f"`window_size` must be an integer >= 2 (batches per rolling mean), got {window_size!r}")
+        super().__init__(batch_size_fn=_batch_size, window_size=window_size)
+        # Lightning 2.6: ThroughputMonitor warns once unless the module defines `flops_per_batch`; we report no
+        # FLOPs here (benchmarks/overhead.py measures model FLOPs utilisation), so skip that check.
+        self._module_has_flops = False
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:  # ru_maxrss is in KiB on Linux, bytes on macOS
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+        pl_module.log(PEAK_MEMORY, float(peak), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
+
+
+# ---------------------------------------------------------------------------------------------------- grid runs
+
+
+def merge(config: dict[str, Any], overrides: dict[str, Any], path: str = "") -> dict[str, Any]:
+    """``config`` updated with ``overrides`` (a new dict; see the module docstring for the rules)."""
+    merged = copy.deepcopy(config)
+    for key, value in overrides.items():
+        where = f"{path}.{key}" if path else key
+        if where == "trainer.callbacks":
+            merged[key] = _merge_callbacks(merged.get(key) or [], value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value, where)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _merge_callbacks(callbacks: list[dict[str, Any]], overrides: Any) -> list[dict[str, Any]]:
+    if not isinstance(overrides, list) or not all(isinstance(c, dict) and "class_path" in c for c in overrides):
+        raise ValueError(
+            f"trainer.callbacks override {overrides!r} must be a list of mappings with a class_path (and init_args "
+            "to change, or remove: true to drop the callback)."
+        )
+    merged = copy.deepcopy(callbacks)
+    for override_ in overrides:
+        unknown = set(override_) - {"class_path", "init_args", "remove"}
+        if unknown:
+            raise ValueError(f"callback override {override_!r}: unknown keys {sorted(unknown)}; use init_args or remove.")
+        matches = [i for i, c in enumerate(merged) if c.get("class_path") == override_["class_path"]]
+        if override_.get("remove"):
+            if not matches:
+                raise ValueError(f"remove: true for {override_['class_path']}, which the config's callbacks do not have.")
+            merged = [c for i, c in enumerate(merged) if i not in matches]
+        elif matches:
+            target = merged[matches[0]]
+            target["init_args"] = {**(target.get("init_args") or {}), **(override_.get("init_args") or {})}
+        else:
+            merged.append({"class_path": override_["class_path"], "init_args": dict(override_.get("init_args") or {})})
+    return merged
+
+
+@dataclass
+class Variant:
+    name: str
+    recipe: str
+    config: Path
+    overrides: dict[str, Any]
+
+
+@dataclass
+class Grid:
+    variants: list[Variant]
+    seeds: list[int]
+    target_acc: Optional[float]
+
+
+def load_grid(path: Path) -> Grid:
+    """Parse and validate a grid file; every error names the file and the key."""
+    spec = yaml.safe_load(Path(path).read_text()) or {}
+    allowed = {"recipe", "config", "seeds", "target_acc", "base", "variants"}
+    if not isinstance(spec, dict) or set(spec) - allowed:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(set(spec) - allowed)}; allowed: {sorted(allowed)}.")
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: seeds={seeds!r} must be a non-empty list of integers.")
+    target = spec.get("target_acc")
+    if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
+        raise ValueError(f"{path}: target_acc={target!r} must be a fraction in (0, 1], e.g. 0.95.")
+    variants = spec.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"{path}: variants must be a mapping of name -> overrides with at least one entry.")
+    base = spec.get("base") or {}
+    result = []
+    for name, overrides in variants.items():
+        overrides = dict(overrides or {})
+        recipe = overrides.pop("recipe", spec.get("recipe"))
+        if recipe not in RECIPES:
+            raise ValueError(f"{path}: variant {name!r} has recipe={recipe!r}; choose one of {sorted(RECIPES)}.")
+        config = overrides.pop("config", spec.get("config")) or RECIPES[recipe]
+        config_path = Path(config) if Path(config).exists() else CONFIG_DIR / config
+        if not config_path.is_file():
+            raise ValueError(f"{path}: variant {name!r} config={config!r} is neither a file nor in {CONFIG_DIR}.")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(name)):
+            raise ValueError(
+                f"{path}: variant name {name!r} must be letters, digits, '_', '-' or '.', starting with a letter or "
+                "digit (it names a folder)."
+            )
+        result.append(Variant(str(name), recipe, config_path, merge(base, overrides)))
+    return Grid(result, seeds, target)
+
+
+def run_config(variant: Variant, seed: int, run_dir: Path) -> dict[str, Any]:
+    """The complete config one run uses: the variant's config file, its overrides, and the run's own folders."""
+    config = merge(yaml.safe_load(variant.config.read_text()), variant.overrides)
+    trainer = config.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(run_dir)
+    trainer["enable_progress_bar"] = False
+    trainer["logger"] = {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "tb", "version": ""},
+    }
+    callbacks = trainer.get("callbacks") or []
+    if not any(c.get("class_path") == RUN_STATS for c in callbacks):
+        trainer["callbacks"] = [*callbacks, {"class_path": RUN_STATS}]
+    config["seed_everything"] = seed
+    return config
+
+
+def run_grid(grid: Grid, out: Path, *, rerun: bool = False, dry_run: bool = False) -> list[Path]:
+    """Run every variant × seed one after another (each a fresh process, as a user would); return the run folders."""
+    run_dirs = []
+    for variant in grid.variants:
+        for seed in grid.seeds:
+            run_dir = out / variant.name / f"seed_{seed}"
+            run_dirs.append(run_dir)
+            command = [sys.executable, "-m", f"lightning_recipes.recipes.{variant.recipe}", "fit", "--config"]
+            command.append(str(run_dir / "config.yaml"))
+            if dry_run:
+                print(" ".join(command))
+                continue
+            record = run_dir / "run.json"
+            if not rerun and record.is_file() and json.loads(record.read_text()).get("returncode") == 0:
+                print(f"{variant.name} seed {seed}: finished before, kept (--rerun to run it again)")
+                continue
+            if run_dir.exists():  # a crashed or interrupted earlier attempt: start clean, never mix two runs' events
+                for events in run_dir.rglob(f"{EVENTS}*"):
+                    events.unlink()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config(variant, seed, run_dir), sort_keys=False))
+            print(f"{variant.name} seed {seed}: {' '.join(command)}", flush=True)
+            start = time.time()
+            with open(run_dir / "log.txt", "w") as log:
+                returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+            seconds = time.time() - start
+            record.write_text(
+                json.dumps({"variant": variant.name, "seed": seed, "returncode": returncode, "start_time": start,
+                            "seconds": seconds, "command": command}, indent=1)
+            )
+            status = "ok" if returncode == 0 else f"CRASHED (exit {returncode}, see {run_dir / 'log.txt'})"
+            print(f"{variant.name} seed {seed}: {status} in {seconds:.0f} s", flush=True)
+    return run_dirs
+
+
+# ------------------------------------------------------------------------------------------------ reading logs
+
+
+@dataclass
+class Run:
+    """One run's scalar series (tag -> [(step, wall_time, value)]) and what its run.json says, if any."""
+
+    variant: str
+    name: str
+    path: Path
+    series: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+    returncode: Optional[int] = None
+    start_time: Optional[float] = None
+    seconds: Optional[float] = None
+
+    @property
+    def crashed(self) -> bool:
+        return self.returncode not in (None, 0)
+
+
+def read_run(variant: str, path: Path, run_root: Path) -> Run:
+    """Read the event files of one TensorBoard log folder; ``run_root`` is where a grid's run.json lives."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    run = Run(variant, run_root.name, run_root)
+    if path.is_dir():
+        accumulator = EventAccumulator(str(path), size_guidance={SCALARS: 0})  # 0 = keep every point
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            run.series[tag] = [(e.step, e.wall_time, e.value) for e in accumulator.Scalars(tag)]
+    record = run_root / "run.json"
+    if record.is_file():
+        info = json.loads(record.read_text())
+        run.returncode, run.start_time, run.seconds = info.get("returncode"), info.get("start_time"), info.get("seconds")
+    return run
+
+
+def find_runs(variant_dir: Path, variant: str) -> list[Run]:
+    """Every run under a variant's folder: each folder with event files, plus grid runs that crashed before any."""
+    roots: dict[Path, Path] = {}  # run root -> folder with the event files
+    for events in sorted(variant_dir.rglob(f"{EVENTS}*")):
+        log_dir = events.parent
+        root = log_dir.parent if log_dir.name == "tb" and (log_dir.parent / "run.json").exists() else log_dir
+        roots.setdefault(root, log_dir)
+    for record in sorted(variant_dir.rglob("run.json")):
+        roots.setdefault(record.parent, record.parent / "tb")
+    return [read_run(variant, log_dir, root) for root, log_dir in sorted(roots.items())]
+
+
+def _last(run: Run, tag: str) -> Optional[float]:
+    return run.series[tag][-1][2] if run.series.get(tag) else None
+
+
+def run_figures(run: Run, target_acc: Optional[float]) -> dict[str, Any]:
+    """The per-run numbers the table aggregates (None where the run did not log what they need)."""
+    acc = run.series.get(VAL_ACC, [])
+    all_points = [p for points in run.series.values() for p in points]
+    start = run.start_time if run.start_time is not None else min((p[1] for p in all_points), default=None)
+    # Lightning logs a step's metrics at the 0-based index of the optimizer step just taken (epoch-end validation
+    # at the last one), so step + 1 counts steps. RunStats' own tags count batches (they differ under
+    # accumulation) and are left out.
+    step_tags = [t for t in run.series if t in (TRAIN_LOSS, VAL_ACC, VAL_LOSS) or t.startswith(("lr/", "grad_norm/"))]
+    last_step = max((p[0] for tag in step_tags for p in run.series[tag]), default=None)
+    steps = None if last_step is None else last_step + 1
+    reached = next(((s + 1, w) for s, w, v in acc if target_acc is not None and v >= target_acc), None)
+    throughput_tag = next((t for t in THROUGHPUT_TAGS if run.series.get(t)), None)
+    seconds = run.seconds
+    if seconds is None and all_points and start is not None:
+        seconds = max(p[1] for p in all_points) - start
+    return {
+        "variant": run.variant,
+        "run": run.name,
+        "path": str(run.path),
+        "returncode": run.returncode,
+        "final_val_acc": _last(run, VAL_ACC),
+        "best_val_acc": max((v for _, _, v in acc), default=None),
+        "final_val_loss": _last(run, VAL_LOSS),
+        "steps": steps,
+        "epochs_validated": len(acc),
+        "steps_to_target": reached[0] if reached else None,
+        "seconds_to_target": reached[1] - start if reached and start is not None else None,
+        "samples_per_sec": statistics.median(v for _, _, v in run.series[throughput_tag]) if throughput_tag else None,
+        "peak_memory_mb": max((v for _, _, v in run.series.get(PEAK_MEMORY, [])), default=None),
+        "seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------- table
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "—"
+    mean = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _cell(figures: list[dict[str, Any]], key: str, *, scale: float = 1.0, digits: int = 2) -> str:
+    """Mean ± std over the runs that have the figure, and how many of the variant's runs that is if not all."""
+    values = [f[key] for f in figures if f[key] is not None and math.isfinite(f[key])]
+    text = _mean_std(values, scale, digits)
+    return text if len(values) == len(figures) or not values else f"{text} ({len(values)}/{len(figures)})"
+
+
+def table(figures: list[dict[str, Any]], target_acc: Optional[float]) -> tuple[str, list[str]]:
+    """The markdown comparison table and the notes that explain every run it could not count fully."""
+    target = f"{100 * target_acc:g}%" if target_acc is not None else None
+    header = [
+        "variant", "runs", "final val/acc %", "best val/acc %", "final val/loss", "optimizer steps",
+        f"steps to {target}" if target else "steps to target", f"seconds to {target}" if target else "seconds to target",
+        "samples/s", "peak memory MB", "wall time s",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    variants = list(dict.fromkeys(f["variant"] for f in figures))
+    for variant in variants:
+        runs = [f for f in figures if f["variant"] == variant]
+        crashed = [f for f in runs if f["returncode"] not in (None, 0)]
+        count = f"{len(runs)}" + (f" ({len(crashed)} crashed)" if crashed else "")
+        steps = sorted({f["steps"] for f in runs if f["steps"] is not None})
+        steps_text = "—" if not steps else str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]} (differ)"
+        if target_acc is None:
+            to_steps = to_seconds = "—"
+        else:
+            reached = [f for f in runs if f["steps_to_target"] is not None]
+            suffix = "" if len(reached) == len(runs) else f" ({len(reached)}/{len(runs)} reached)"
+            to_steps = (_mean_std([f["steps_to_target"] for f in reached], digits=0) + suffix) if reached else "not reached"
+            to_seconds = (_mean_std([f["seconds_to_target"] for f in reached if f["seconds_to_target"] is not None],
+                                    digits=0) + suffix) if reached else "not reached"
+        row = [
+            variant, count, _cell(runs, "final_val_acc", scale=100), _cell(runs, "best_val_acc", scale=100),
+            _cell(runs, "final_val_loss", digits=3), steps_text, to_steps, to_seconds,
+            _cell(runs, "samples_per_sec", digits=0), _cell(runs, "peak_memory_mb", digits=0), _cell(runs, "seconds", digits=0),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+        for f in runs:
+            where = f"{variant}/{f['run']}"
+            if f["returncode"] not in (None, 0):
+                notes.append(f"{where}: crashed with exit code {f['returncode']}: {_last_line(Path(f['path']) / 'log.txt')} "
+                             f"(see {f['path']}/log.txt); its figures, if any, are from the steps it logged before.")
+            missing = [k for k in ("final_val_acc", "final_val_loss", "samples_per_sec", "peak_memory_mb") if f[k] is None]
+            if missing:
+                notes.append(f"{where}: logged no {', '.join(missing)}.")
+        if len(steps) > 1:
+            per_run = ", ".join(f"{f['run']} {f['steps']}" for f in runs)
+            notes.append(f"{variant}: runs of different lengths ({per_run} optimizer steps); final figures compare "
+                         "different amounts of training.")
+    return "\n".join(lines), notes
+
+
+def _last_line(log: Path) -> str:
+    """The last non-empty line of a run's console output: for a crash, the exception and its message."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
+    return repr(lines[-1]) if lines else "no output"
+
+
+# ------------------------------------------------------------------------------------------------------- plots
+
+
+def _aligned(runs: list[Run], tag: str) -> Optional[tuple[Any, Any, Any, Any, Any]]:
+    """Steps, mean wall time, and mean / min / max of ``tag`` over runs, on the union of their steps."""
+    import numpy as np
+
+    series = [run.series[tag] for run in runs if run.series.get(tag)]
+    if not series:
+        return None
+    steps = np.array(sorted({s for points in series for s, _, _ in points}), dtype=float)
+    values, times = [], []
+    for run, points in zip([r for r in runs if r.series.get(tag)], series):
+        x = np.array([p[0] for p in points], dtype=float)
+        inside = (steps >= x[0]) & (steps <= x[-1])  # no extrapolation: a shorter run leaves the band there
+        start = run.start_time if run.start_time is not None else min(p[1] for p in run.series[tag])
+        values.append(np.where(inside, np.interp(steps, x, [p[2] for p in points]), np.nan))
+        times.append(np.where(inside, np.interp(steps, x, [p[1] - start for p in points]), np.nan))
+    values, times = np.array(values), np.array(times)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # steps where no run has a point: all-NaN columns
+        return steps, np.nanmean(times, 0), np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+
+
+def plot(runs: list[Run], out: Path) -> list[Path]:
+    """One PNG per figure; one line per variant (mean over its runs) and a band from the min to the max run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lr_tag = next((t for run in runs for t in sorted(run.series) if t.startswith("lr/")), None)
+    figures = [
+        ("val_acc_vs_step", VAL_ACC, "optimizer step", "val accuracy", False),
+        ("val_acc_vs_time", VAL_ACC, "wall time (s)", "val accuracy", True),
+        ("train_loss", TRAIN_LOSS, "optimizer step", "train loss", False),
+        ("lr", lr_tag, "optimizer step", f"learning rate ({lr_tag})", False),
+        ("grad_norm", GRAD_NORM, "optimizer step", "gradient norm before clipping", False),
+    ]
+    written = []
+    variants = list(dict.fromkeys(run.variant for run in runs))
+    for name, tag, xlabel, ylabel, by_time in figures:
+        if tag is None or not any(run.series.get(tag) for run in runs):
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for variant in variants:
+            aligned = _aligned([r for r in runs if r.variant == variant], tag)
+            if aligned is None:
+                continue
+            steps, times, mean, low, high = aligned
+            x = times if by_time else steps
+            (line,) = ax.plot(x, mean, label=variant, linewidth=1.2)
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if tag in (TRAIN_LOSS, GRAD_NORM):
+            ax.set_yscale("log")
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def compare(variant_dirs: dict[str, Path], out: Path, target_acc: Optional[float], title: str) -> str:
+    """Read every variant's runs, write compare.md / compare.json / the plots into ``out``; return the markdown."""
+    runs = []
+    for variant, directory in variant_dirs.items():
+        found = find_runs(directory, variant)
+        if not found:
+            raise FileNotFoundError(f"no TensorBoard event files ({EVENTS}*) and no run.json under {directory}")
+        runs.extend(found)
+    figures = [run_figures(run, target_acc) for run in runs]
+    markdown, notes = table(figures, target_acc)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot(runs, out)
+    text = [f"# {title}", "", markdown, ""]
+    if notes:
+        text += ["Notes:", *[f"- {n}" for n in notes], ""]
+    text += [f"![{p.stem}]({p.name})" for p in plots]
+    document = "\n".join(text) + "\n"
+    (out / "compare.md").write_text(document)
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "torch": torch.__version__, "python": platform.python_version()}
+    (out / "compare.json").write_text(json.dumps(
+        {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+         "target_acc": target_acc, "runs": figures}, indent=1))
+    return document
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a grid file's variants × seeds, then compare them")
+    run.add_argument("grid", type=Path, help="grid YAML, e.g. recipes/configs/experiments/warmup_vit.yaml")
+    run.add_argument("--out", type=Path, help="output folder (default runs/experiments/<grid file name>)")
+    run.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the grid's")
+    run.add_argument("--variants", nargs="+", help="run only these variants")
+    run.add_argument("--rerun", action="store_true", help="run again the runs that finished before")
+    run.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    logs = sub.add_parser("logs", help="compare existing TensorBoard log folders, one folder per variant")
+    logs.add_argument("dirs", type=Path, nargs="+", help="one folder per variant; each event folder below it is a run")
+    logs.add_argument("--names", nargs="+", help="variant names (default: the folder names)")
+    logs.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
+    for p in (run, logs):
+        p.add_argument("--target-acc", type=float, help="val/acc to reach, as a fraction (overrides the grid's)")
+    args = parser.parse_args(argv)
+    if args.target_acc is not None and not 0 < args.target_acc <= 1:
+        parser.error(f"--target-acc {args.target_acc} must be a fraction in (0, 1], e.g. 0.95")
+
+    if args.command == "run":
+        grid = load_grid(args.grid)
+        if args.seeds:
+            grid.seeds = args.seeds
+        if args.variants:
+            unknown = set(args.variants) - {v.name for v in grid.variants}
+            if unknown:
+                parser.error(f"--variants {sorted(unknown)} not in {args.grid}: choose from {[v.name for v in grid.variants]}")
+            grid.variants = [v for v in grid.variants if v.name in args.variants]
+        out = args.out or Path("runs/experiments") / args.grid.stem
+        run_grid(grid, out, rerun=args.rerun, dry_run=args.dry_run)
+        if args.dry_run:
+            return ""
+        target = args.target_acc if args.target_acc is not None else grid.target_acc
+        document = compare({v.name: out / v.name for v in grid.variants}, out, target, f"{args.grid.stem} ({args.grid})")
+    else:
+        names = args.names or [d.name for d in args.dirs]
+        if len(names) != len(args.dirs) or len(set(names)) != len(names):
+            parser.error(f"--names {names} must give one distinct name per folder ({len(args.dirs)} folders)")
+        for d in args.dirs:
+            if not d.is_dir():
+                parser.error(f"{d} is not a folder")
+        document = compare(dict(zip(names, args.dirs)), args.out, args.target_acc, "Comparison")
+        out = args.out
+    print(document)
+    print(f"written: {out / 'compare.md'}, {out / 'compare.json'} and the PNG plots in {out}")
+    return document
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""recipes/compare.py: grids run as real short training runs, tables checked number by number, plots written."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from torch.utils.tensorboard import SummaryWriter
+
+from lightning_recipes.datamodules import DigitsDataModule
+from lightning_recipes.datamodules.base import ImageClassificationDataModule
+from lightning_recipes.recipes import compare
+from lightning_recipes.recipes.common import CONFIG_DIR, RecipeCLI
+from lightning_recipes.recipes.resnet import ResNetClassifier
+from lightning_recipes.recipes.vit import ViTClassifier
+
+PLOTS = {"val_acc_vs_step.png", "val_acc_vs_time.png", "train_loss.png", "lr.png", "grad_norm.png"}
+LRSCHEDULE = "lightning_recipes.callbacks.LRSchedule"
+
+
+def _write_run(folder: Path, acc: list[float], *, steps: int = 30, val_loss: bool = True, start: float = 1000.0):
+    """A TensorBoard run as Lightning writes it: step-indexed scalars; wall time = start + step seconds."""
+    writer = SummaryWriter(str(folder))
+    for step in range(steps):
+        writer.add_scalar("train/loss", 2.0 - step / steps, step, walltime=start + step)
+        writer.add_scalar("lr/decay", 0.1, step, walltime=start + step)
+        writer.add_scalar("grad_norm/total", 1.0, step, walltime=start + step)
+    for epoch, value in enumerate(acc):
+        step = 10 * epoch + 9
+        writer.add_scalar("val/acc", value, step, walltime=start + step)
+        if val_loss:
+            writer.add_scalar("val/loss", 1.0 - value, step, walltime=start + step)
+    writer.add_scalar("train/device/samples_per_sec", 100.0, steps - 1, walltime=start + steps - 1)
+    writer.close()
+
+
+def _row(markdown: str, variant: str) -> list[str]:
+    (line,) = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_logs_table_aggregates_seeds_exactly_and_reports_short_and_incomplete_runs(tmp_path):
+    _write_run(tmp_path / "a" / "seed0", [0.5, 0.8, 0.9])
+    _write_run(tmp_path / "a" / "seed1", [0.6, 0.7, 0.95])
+    _write_run(tmp_path / "b" / "seed0", [0.4, 0.5, 0.6])
+    _write_run(tmp_path / "b" / "seed1", [0.3, 0.85], steps=20, val_loss=False)  # stopped early, no val/loss
+
+    document = compare.main(["logs", str(tmp_path / "a"), str(tmp_path / "b"), "--names", "adamw", "sgd",
+                             "--target-acc", "0.8", "--out", str(tmp_path / "out")])
+
+    header = [c.strip() for c in document.splitlines()[2].strip("|").split("|")]
+    assert header[6:8] == ["steps to 80%", "seconds to 80%"]
+    # final 0.9 / 0.95: mean 92.50, sample std 3.54; target 0.8 reached after steps 20 and 30 (19 and 29 s).
+    assert _row(document, "adamw") == [
+        "adamw", "2", "92.50 ± 3.54", "92.50 ± 3.54", "0.075 ± 0.035", "30", "25 ± 7", "24 ± 7", "100 ± 0", "—", "29 ± 0"
+    ]
+    # sgd: final 0.6 and 0.85 over runs of 30 and 20 steps; only seed1 reaches 0.8; val/loss from one run only.
+    assert _row(document, "sgd") == [
+        "sgd", "2", "72.50 ± 17.68", "72.50 ± 17.68", "0.400 (1/2)", "20–30 (differ)", "20 (1/2 reached)",
+        "19 (1/2 reached)", "100 ± 0", "—", "24 ± 7",
+    ]
+    assert "- sgd: runs of different lengths (seed0 30, seed1 20 optimizer steps)" in document
+    assert "- sgd/seed1: logged no final_val_loss, peak_memory_mb." in document
+    figures = json.loads((tmp_path / "out" / "compare.json").read_text())["runs"]
+    assert [(f["variant"], f["run"], f["steps_to_target"]) for f in figures] == [
+        ("adamw", "seed0", 20), ("adamw", "seed1", 30), ("sgd", "seed0", None), ("sgd", "seed1", 20)
+    ]
+    assert {p.name for p in (tmp_path / "out").glob("*.png")} == PLOTS
+    assert (tmp_path / "out" / "compare.md").read_text() == document
+
+
+def test_logs_rejects_a_folder_without_runs_and_mismatched_names(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no TensorBoard event files .* under .*empty"):
+        compare.main(["logs", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        compare.main(["logs", str(tmp_path / "empty"), "--names", "x", "y"])
+    assert "--names ['x', 'y'] must give one distinct name per folder (1 folders)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["logs", str(tmp_path / "empty"), "--target-acc", "95"])
+    assert "--target-acc 95.0 must be a fraction in (0, 1]" in capsys.readouterr().err
+
+
+def test_merge_updates_removes_and_appends_callbacks_by_class_path():
+    config = {
+        "model": {"lr": 0.1, "depth": 2},
+        "trainer": {"max_epochs": 5, "callbacks": [
+            {"class_path": LRSCHEDULE, "init_args": {"decay": "cosine", "warmup_fraction": 0.1}},
+            {"class_path": "lightning_recipes.callbacks.GradNormMonitor"},
+        ]},
+    }
+    merged = compare.merge(config, {
+        "model": {"lr": 0.5},
+        "trainer": {"callbacks": [
+            {"class_path": LRSCHEDULE, "init_args": {"warmup_fraction": 0.0}},
+            {"class_path": "lightning_recipes.callbacks.GradNormMonitor", "remove": True},
+            {"class_path": "x.New", "init_args": {"a": 1}},
+        ]},
+    })
+    assert merged == {
+        "model": {"lr": 0.5, "depth": 2},
+        "trainer": {"max_epochs": 5, "callbacks": [
+            {"class_path": LRSCHEDULE, "init_args": {"decay": "cosine", "warmup_fraction": 0.0}},
+            {"class_path": "x.New", "init_args": {"a": 1}},
+        ]},
+    }
+    assert config["model"]["lr"] == 0.1  # the input is left alone
+    with pytest.raises(ValueError, match="remove: true for x.Missing, which the config's callbacks do not have"):
+        compare.merge(config, {"trainer": {"callbacks": [{"class_path": "x.Missing", "remove": True}]}})
+    with pytest.raises(ValueError, match=r"unknown keys \['patience'\]; use init_args or remove"):
+        compare.merge(config, {"trainer": {"callbacks": [{"class_path": LRSCHEDULE, "patience": 3}]}})
+    with pytest.raises(ValueError, match="must be a list of mappings with a class_path"):
+        compare.merge(config, {"trainer": {"callbacks": {"class_path": LRSCHEDULE}}})
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"variants": {"a": {}}, "recipe": "mlp"}, r"variant 'a' has recipe='mlp'; choose one of \['resnet', 'vit'\]"),
+        ({"variants": {"a": {}}, "recipe": "vit", "seeds": []}, r"seeds=\[\] must be a non-empty list of integers"),
+        ({"variants": {"a": {}}, "recipe": "vit", "target_acc": 95}, r"target_acc=95 must be a fraction in \(0, 1\]"),
+        ({"variants": {}, "recipe": "vit"}, "variants must be a mapping of name -> overrides"),
+        ({"variants": {"a": {}}, "recipe": "vit", "epochs": 3}, r"unknown top-level keys \['epochs'\]"),
+        ({"variants": {"a b": {}}, "recipe": "vit"}, "variant name 'a b' must be letters, digits, '_', '-' or '.'"),
+        ({"variants": {"a": {"config": "nope.yaml"}}, "recipe": "vit"}, "variant 'a' config='nope.yaml' is neither a file nor in"),
+    ],
+)
+def test_grid_errors_name_the_file_and_the_key(tmp_path, spec, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        compare.load_grid(path)
+
+
+def test_run_grid_trains_real_runs_and_the_table_reads_what_they_logged(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "recipe": "vit",
+        "seeds": [3],
+        "target_acc": 0.2,
+        "base": {"trainer": {"max_epochs": 2, "limit_train_batches": 12, "log_every_n_steps": 2},
+                 "model": {"depth": 1, "width": 32, "heads": 2, "mlp_dim": 64}},
+        "variants": {
+            "warmup": {},
+            "no_warmup": {"trainer": {"callbacks": [{"class_path": LRSCHEDULE, "init_args": {"warmup_fraction": 0.0}}]}},
+            "broken": {"model": {"heads": 3}},
+        },
+    }))
+    out = tmp_path / "out"
+    document = compare.main(["run", str(grid), "--out", str(out)])
+
+    config = yaml.safe_load((out / "no_warmup" / "seed_3" / "config.yaml").read_text())
+    assert config["seed_everything"] == 3
+    callbacks = {c["class_path"]: c.get("init_args") for c in config["trainer"]["callbacks"]}
+    assert callbacks[LRSCHEDULE] == {"decay": "cosine", "warmup_fraction": 0.0}
+    assert compare.RUN_STATS in callbacks
+    for variant in ("warmup", "no_warmup"):
+        row = _row(document, variant)
+        assert row[1] == "1" and row[5] == "24"  # one run; 2 epochs × 12 batches = 24 optimizer steps
+        assert row[8] != "—" and row[9] != "—"  # RunStats logged samples/s and peak memory
+    assert _row(document, "broken")[:3] == ["broken", "1 (1 crashed)", "—"]
+    assert "broken/seed_3: crashed with exit code 1: 'ValueError: heads=3 does not divide width=32" in document
+    assert {p.name for p in out.glob("*.png")} == PLOTS
+
+    # The table's final accuracy is the final weights' accuracy: re-validate the run's last checkpoint.
+    figures = {f["variant"]: f for f in json.loads((out / "compare.json").read_text())["runs"]}
+    model = ViTClassifier.load_from_checkpoint(out / "warmup" / "seed_3" / "checkpoints" / "last.ckpt")
+    from lightning.pytorch import Trainer
+
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (result,) = trainer.validate(model, datamodule=DigitsDataModule(image_size=16), verbose=False)
+    assert figures["warmup"]["final_val_acc"] == pytest.approx(result["val/acc"], abs=1e-7)  # TensorBoard stores fp32
+    assert figures["warmup"]["final_val_acc"] != figures["no_warmup"]["final_val_acc"] or (
+        figures["warmup"]["final_val_loss"] != figures["no_warmup"]["final_val_loss"]
+    )
+
+    # Running the grid again keeps finished runs instead of training them again.
+    capsys.readouterr()
+    stamp = (out / "warmup" / "seed_3" / "run.json").stat().st_mtime_ns
+    compare.main(["run", str(grid), "--out", str(out), "--variants", "warmup"])
+    assert "warmup seed 3: finished before, kept" in capsys.readouterr().out
+    assert (out / "warmup" / "seed_3" / "run.json").stat().st_mtime_ns == stamp
+
+
+GRIDS = sorted((CONFIG_DIR / "experiments").glob("*.yaml"))
+MODELS = {"vit": ViTClassifier, "resnet": ResNetClassifier}
+
+
+def test_the_experiment_grids_ship():
+    assert len(GRIDS) >= 7, [g.name for g in GRIDS]
+
+
+@pytest.mark.parametrize("grid_file", GRIDS, ids=lambda g: g.stem)
+def test_every_experiment_variant_builds_its_model_data_and_trainer(grid_file, tmp_path):
+    grid = compare.load_grid(grid_file)
+    assert len(grid.variants) >= 2 and grid.seeds
+    for variant in grid.variants:
+        config = compare.run_config(variant, grid.seeds[0], tmp_path / variant.name)
+        path = tmp_path / f"{variant.name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        # Instantiates everything the run would (model, data, trainer, callbacks, strategy, precision), trains nothing.
+        cli = RecipeCLI(
+            MODELS[variant.recipe], ImageClassificationDataModule, subclass_mode_data=True, run=False,
+            auto_configure_optimizers=False, args=["--config", str(path)],
+        )
+        assert cli.trainer.default_root_dir == str(tmp_path / variant.name)
