@@ -119,6 +119,8 @@ class GradientAccumulation(Callback):
 
     Args:
         global_batch_size: Samples per optimizer step over all data-parallel processes, from the start of training.
+            None: one micro-batch per process per step (k = 1): nothing is accumulated, the callback only logs, so
+            a config can carry it and a user sets the size when they want accumulation.
         micro_batch_size: Samples per process per forward pass; default: the ``batch_size`` attribute found by
             Lightning's ``lightning_getattr``.
         schedule: ``{start: global batch size}`` for ``start >= 1``, non-decreasing sizes ``>= global_batch_size``.
@@ -130,7 +132,7 @@ class GradientAccumulation(Callback):
     def __init__(
         self,
         *,
-        global_batch_size: int,
+        global_batch_size: Optional[int] = None,
         micro_batch_size: Optional[int] = None,
         schedule: Optional[dict[int, int]] = None,
         schedule_unit: str = "epoch",
@@ -138,8 +140,11 @@ class GradientAccumulation(Callback):
         log_every_n_steps: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_positive_int("global_batch_size", global_batch_size)
-        for name, value in (("micro_batch_size", micro_batch_size), ("log_every_n_steps", log_every_n_steps)):
+        for name, value in (
+            ("global_batch_size", global_batch_size),
+            ("micro_batch_size", micro_batch_size),
+            ("log_every_n_steps", log_every_n_steps),
+        ):
             if value is not None:
                 _check_positive_int(name, value)
         if schedule_unit not in SCHEDULE_UNITS:
@@ -156,6 +161,11 @@ class GradientAccumulation(Callback):
             raise ValueError(
                 f"`schedule` must map integer starts >= 1 (the size at 0 is `global_batch_size`) to integer global"
                 f" batch sizes >= 1, got {schedule!r}"
+            )
+        if schedule and global_batch_size is None:
+            raise ValueError(
+                f"`schedule={schedule!r}` grows the global batch from `global_batch_size`, which is None: set"
+                " global_batch_size to the size at the start of training"
             )
         sizes = [global_batch_size] + [schedule[k] for k in sorted(schedule)]
         if any(b < a for a, b in zip(sizes, sizes[1:])):
@@ -228,7 +238,8 @@ class GradientAccumulation(Callback):
         # Data-parallel replicas, not the world size: tensor-parallel ranks share one batch.
         replicas = int((getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1))
         self._replicas = replicas
-        self.ks = [(0, _accumulation(self.global_batch_size, micro, replicas, "global_batch_size"))]
+        first = micro * replicas if self.global_batch_size is None else self.global_batch_size
+        self.ks = [(0, _accumulation(first, micro, replicas, "global_batch_size"))]
         for start, size in self.schedule.items():
             self.ks.append((start, _accumulation(size, micro, replicas, f"schedule[{start}]")))
         self._micro = micro

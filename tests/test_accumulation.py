@@ -99,6 +99,7 @@ def _large_batches(n: int, size: int = GLOBAL) -> list[list[int]]:
         ({"global_batch_size": 16, "schedule": {0: 32}}, ValueError, r"`schedule` must map integer starts >= 1 .* got \{0: 32\}"),
         ({"global_batch_size": 16, "schedule": {2: 32, 4: 8}}, ValueError, r"must not decrease the global batch size: global_batch_size=16 then \{2: 32, 4: 8\}"),
         ({"global_batch_size": 16, "log_every_n_steps": 0}, ValueError, r"`log_every_n_steps` must be an integer >= 1, got 0"),
+        ({"schedule": {2: 32}}, ValueError, r"`schedule=\{2: 32\}` grows the global batch from `global_batch_size`, which is None"),
     ],
 )
 def test_invalid_arguments(kwargs, error, match):
@@ -173,6 +174,30 @@ def test_logs_the_global_batch_and_samples_seen_per_step():
     assert [m["accumulation/global_batch_size"] for _, m in rows] == [16.0, 16.0, 11.0]
     assert [m["accumulation/samples_seen"] for _, m in rows] == [16.0, 32.0, 43.0]
     assert [m["accumulation/micro_batches"] for _, m in rows] == [4.0, 4.0, 3.0]
+
+
+def test_without_a_global_batch_size_it_steps_every_batch_and_only_logs():
+    logger = RecordingLogger()
+    plain, _ = _fit(Features(43))
+    weights, trainer = _fit(Features(43), callbacks=[GradientAccumulation(log_every_n_steps=1)], logger=logger)
+    assert trainer.global_step == 11  # 10 batches of 4 and one of 3: k = 1
+    assert torch.equal(weights, plain)
+    rows = [m for _, m in logger.rows if "accumulation/global_batch_size" in m]
+    assert [m["accumulation/global_batch_size"] for m in rows] == [4.0] * 10 + [3.0]
+    assert rows[-1]["accumulation/samples_seen"] == 43.0
+
+
+def test_the_digits_configs_accumulate_when_the_global_batch_is_given_on_the_command_line(tmp_path, monkeypatch):
+    from lightning_recipes.recipes.common import run_cli
+    from lightning_recipes.recipes.vit import ViTClassifier
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--trainer.callbacks.global_batch_size=256", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false", "--model.depth=1", "--model.width=32", "--model.heads=2"]
+    cli = run_cli(ViTClassifier, "vit_digits.yaml", args=args)
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientAccumulation)]
+    assert callback.ks == [(0, 4)]  # 256 / (batch 64 x 1 process)
+    assert callback.samples_seen == 256
 
 
 def test_batchnorm_warns_once_and_does_not_match_the_large_batch():
