@@ -42,3 +42,13 @@ def test_print_config_runs_as_written(script):
     assert result.returncode == 0, result.stderr
     assert "lightning_recipes.callbacks.LRSchedule" in result.stdout
     assert "lightning_recipes.datamodules.DigitsDataModule" in result.stdout
+
+
+def test_compare_run_command_names_a_grid_that_plans_its_runs(tmp_path):
+    (command,) = _commands("python recipes/compare.py run")
+    argv = shlex.split(command)
+    result = subprocess.run([sys.executable, *argv[1:], "--dry-run", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    planned = [line for line in result.stdout.splitlines() if "-m lightning_recipes.recipes.vit fit --config" in line]
+    assert len(planned) == 8  # schedules_vit: 4 schedules x 2 seeds
