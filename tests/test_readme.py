@@ -51,4 +51,4 @@ def test_compare_run_command_names_a_grid_that_plans_its_runs(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     planned = [line for line in result.stdout.splitlines() if "-m lightning_recipes.recipes.vit fit --config" in line]
-    assert len(planned) == 8  # schedules_vit: 4 schedules x 2 seeds
+    assert len(planned) == 4  # schedules_vit: 4 schedules x 1 seed
