@@ -221,20 +221,27 @@ class _SeededDataset(Dataset):
         return getattr(self.dataset, name)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        # The DataLoader's fetcher calls this once per batch. Saving and restoring the main process's RNGs once per
+        # batch instead of once per sample: NumPy's get_state + set_state alone take ~50-90 us, which per sample
+        # cost several % of a small model's training step (benchmarks/overhead.py); seeding is ~5 us.
         if get_worker_info() is not None:  # a worker process owns its RNGs
-            _seed_all(seed)
-            return self.dataset[index]
+            return [self._seeded(index, seed) for index, seed in keys]
         numpy = sys.modules.get("numpy")
         saved = (torch.random.default_generator.get_state(), random.getstate(), numpy and numpy.random.get_state())
         try:
-            _seed_all(seed)
-            return self.dataset[index]
+            return [self._seeded(index, seed) for index, seed in keys]
         finally:  # the main process's RNGs belong to the model (dropout, ...): leave them as they were
             torch.random.default_generator.set_state(saved[0])
             random.setstate(saved[1])
             if numpy is not None:
                 numpy.random.set_state(saved[2])
+
+    def _seeded(self, index: int, seed: int) -> Any:
+        _seed_all(seed)
+        return self.dataset[index]
 
 
 class _ResumableSampler(DistributedSampler):
