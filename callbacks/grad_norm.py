@@ -15,6 +15,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -144,6 +145,7 @@ class GradNormMonitor(Callback):
         self._trainer: Optional[pl.Trainer] = None
         self._scaler: Optional[Any] = None
         self._measure_post_clip = True
+        self._norm_clip_val: Optional[float] = None
         self._hooks: dict[int, Any] = {}
         self._names: dict[int, str] = {}
         self._pending: Optional[_Step] = None
@@ -166,6 +168,21 @@ class GradNormMonitor(Callback):
         self._measure_post_clip = bool(trainer.gradient_clip_val) or is_overridden(
             "configure_gradient_clipping", pl_module
         )
+        # Lightning's own clipping by norm is torch's clip_grad_norm_ (Precision.clip_grad_by_norm; MixedPrecision
+        # only adds a check, Lightning 2.6): whether it clipped follows from the pre-clip norm, so a step that logs
+        # nothing needs no second pass over the gradients. Anything else (by value, a custom
+        # configure_gradient_clipping, a plugin that clips its own way: FSDP1, DeepSpeed) is measured every step.
+        plugin = type(trainer.precision_plugin)
+        by_norm = str(getattr(trainer.gradient_clip_algorithm, "value", trainer.gradient_clip_algorithm) or "norm")
+        self._norm_clip_val = None
+        if (
+            trainer.gradient_clip_val
+            and by_norm == "norm"
+            and not is_overridden("configure_gradient_clipping", pl_module)
+            and plugin.clip_gradients in (Precision.clip_gradients, MixedPrecision.clip_gradients)
+            and plugin.clip_grad_by_norm is Precision.clip_grad_by_norm
+        ):
+            self._norm_clip_val = float(trainer.gradient_clip_val)
 
     @override
     def on_before_optimizer_step(
@@ -275,7 +292,10 @@ class GradNormMonitor(Callback):
         if not stepped:
             self._skipped_steps += 1
         post = pending.total
-        if self._measure_post_clip:
+        if self._measure_post_clip and not pending.log and self._norm_clip_val is not None:
+            # clip_grad_norm_ multiplies the gradients by max_norm / (total + 1e-6) where that is below 1.
+            self._clipped_steps += pending.finite & (self._norm_clip_val / (pending.total + 1e-6) < 1)
+        elif self._measure_post_clip:
             grads = [p.grad for p in pending.with_grad if p.grad is not None]
             post = torch.linalg.vector_norm(_l2_norms(grads)[0]) if grads else torch.zeros_like(pending.total)
             self._clipped_steps += pending.finite & (post < pending.total)
