@@ -666,8 +666,9 @@ def loss_scaling(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": time.perf_counter() - start,
         }
     scaled_run = runs["fp16, dynamic loss scaling"]
+    epochs = scaled_run["epochs"]
     curves = [("after the first step with LR > 0", scaled_run["after_first_step"])]
-    curves += [(f"after epoch {e['epoch'] + 1}", e["probe"]) for e in scaled_run["epochs"]]
+    curves += [(f"after epoch {e['epoch'] + 1}", e["probe"]) for e in epochs[:1] + epochs[1:][-1:]]
     plots = [
         _plot_loss_scaling_histogram([(label, p) for label, p in curves if p is not None], args.out),
         _plot_training(runs, args.out, "loss_scaling_training.png"),
@@ -728,7 +729,7 @@ def loss_scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _plot_loss_scaling_histogram(probes: list[tuple[str, dict[str, Any]]], out: Path) -> Path:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     edges = HIST_EDGES
     centers = [e + 0.5 for e in edges[:-1]]
     scale = probes[-1][1]["loss_scale"]
@@ -747,9 +748,10 @@ def _plot_loss_scaling_histogram(probes: list[tuple[str, dict[str, Any]]], out: 
         ax.set_ylabel("share of nonzero entries")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
     fig.suptitle("Gradient magnitudes vs the fp16 range (probe batch; weights of the fp16 run with dynamic scaling)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path = out / "loss_scaling_histogram.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
