@@ -44,6 +44,7 @@ import os
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,7 @@ import torch
 import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -68,15 +70,6 @@ VAL_ACC, VAL_LOSS, TRAIN_LOSS, GRAD_NORM = "val/acc", "val/loss", "train/loss", 
 THROUGHPUT_TAGS = ("train/samples_per_sec", "train/device/samples_per_sec")  # global (world > 1), per device
 PEAK_MEMORY = "train/peak_memory_mb"
 RUN_STATS = "lightning_recipes.recipes.compare.RunStats"
-
-
-def _batch_size(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor (images of an (images, targets) pair)."""
-    while isinstance(batch, (list, tuple)):
-        batch = batch[0]
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    return len(batch)
 
 
 class RunStats(ThroughputMonitor):
@@ -90,7 +83,7 @@ class RunStats(ThroughputMonitor):
     def __init__(self, *, window_size: int = 20) -> None:
         if not isinstance(window_size, int) or window_size < 2:
             raise ValueError(f"`window_size` must be an integer >= 2 (batches per rolling mean), got {window_size!r}")
-        super().__init__(batch_size_fn=_batch_size, window_size=window_size)
+        super().__init__(batch_size_fn=extract_batch_size, window_size=window_size)
         # Lightning 2.6: ThroughputMonitor warns once unless the module defines `flops_per_batch`; we report no
         # FLOPs here (benchmarks/overhead.py measures model FLOPs utilisation), so skip that check.
         self._module_has_flops = False
@@ -229,9 +222,8 @@ def run_grid(grid: Grid, out: Path, *, rerun: bool = False, dry_run: bool = Fals
             if not rerun and record.is_file() and json.loads(record.read_text()).get("returncode") == 0:
                 print(f"{variant.name} seed {seed}: finished before, kept (--rerun to run it again)")
                 continue
-            if run_dir.exists():  # a crashed or interrupted earlier attempt: start clean, never mix two runs' events
-                for events in run_dir.rglob(f"{EVENTS}*"):
-                    events.unlink()
+            if run_dir.exists():  # an earlier attempt: start clean, never mix two runs' events or checkpoints
+                shutil.rmtree(run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config(variant, seed, run_dir), sort_keys=False))
             print(f"{variant.name} seed {seed}: {' '.join(command)}", flush=True)
