@@ -1,6 +1,6 @@
 """Compare training runs side by side: run a grid of recipe variants × seeds, or read existing TensorBoard logs.
 
-    python recipes/compare.py run recipes/configs/experiments/warmup_vit.yaml        # runs the grid, then compares
+    python recipes/compare.py run experiments/warmup_vit.yaml                         # runs the grid, then compares
     python recipes/compare.py run GRID.yaml --seeds 0 --variants warmup --dry-run     # print the commands only
     python recipes/compare.py logs runs/a runs/b --names a b --target-acc 0.95 --out runs/compare_ab
 
@@ -8,7 +8,7 @@ Both write ``<out>/compare.md`` (the table, notes on every crashed / short / inc
 ``<out>/compare.json`` (every run's figures) and PNG plots: val accuracy vs optimizer step and vs wall time,
 train loss, learning rate and gradient norm, one line per variant (mean over seeds) with a min–max band.
 
-A grid file (``recipes/configs/experiments/*.yaml``) is::
+A grid file (``experiments/*.yaml``) is::
 
     recipe: vit                  # vit | resnet: which recipe's CLI runs the variants
     config: vit_digits.yaml      # optional: a file in recipes/configs/ or a path; default the recipe's digits config
@@ -497,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a grid file's variants × seeds, then compare them")
-    run.add_argument("grid", type=Path, help="grid YAML, e.g. recipes/configs/experiments/warmup_vit.yaml")
+    run.add_argument("grid", type=Path, help="grid YAML, e.g. experiments/warmup_vit.yaml")
     run.add_argument("--out", type=Path, help="output folder (default runs/experiments/<grid file name>)")
     run.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the grid's")
     run.add_argument("--variants", nargs="+", help="run only these variants")

@@ -10,7 +10,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_recipes.datamodules import DigitsDataModule
 from lightning_recipes.datamodules.base import ImageClassificationDataModule
 from lightning_recipes.recipes import compare
-from lightning_recipes.recipes.common import CONFIG_DIR, RecipeCLI
+from lightning_recipes.recipes.common import RecipeCLI
 from lightning_recipes.recipes.resnet import ResNetClassifier
 from lightning_recipes.recipes.vit import ViTClassifier
 
@@ -182,7 +182,7 @@ def test_run_grid_trains_real_runs_and_the_table_reads_what_they_logged(tmp_path
     assert (out / "warmup" / "seed_3" / "run.json").stat().st_mtime_ns == stamp
 
 
-GRIDS = sorted((CONFIG_DIR / "experiments").glob("*.yaml"))
+GRIDS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 MODELS = {"vit": ViTClassifier, "resnet": ResNetClassifier}
 
 

@@ -1,33 +1,108 @@
-"""recipes/experiments.py: each experiment at a tiny size writes its files and measures what it claims to."""
+"""experiments/: the commands of EXPERIMENTS.md name files that exist and run as written; each experiment at a tiny
+size writes its files and measures what it claims to; nothing in the package or the benchmarks imports experiments/.
 
+The experiment scripts are not a package: `python experiments/<name>.py` imports `_common` from its own folder. One
+runs here in a subprocess exactly so; the others are imported from that folder, as the script would be, to save the
+seconds of a second interpreter importing torch and Lightning.
+"""
+
+import ast
+import importlib
+import importlib.util
 import json
 import math
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from lightning_recipes.recipes.experiments import main
+from lightning_recipes.recipes import compare
 
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
 TINY_VIT = ["--vit-depth", "1", "--vit-width", "32"]
 TINY_TRAINING = ["--epochs", "1", "--limit-train-batches", "3", "--limit-val-batches", "1"]
 
 
-def _run(name, tmp_path, *args):
-    out = tmp_path / name
-    main([name, "--out", str(out), *args])
+def _documented_commands() -> list[list[str]]:
+    """Every command line of EXPERIMENTS.md's bash blocks, split as the shell would, comments dropped."""
+    text = (ROOT / "EXPERIMENTS.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    return [shlex.split(line, comments=True) for block in blocks for line in block.splitlines() if line.strip()]
+
+
+COMMANDS = _documented_commands()
+SCRIPT_COMMANDS = {argv[1]: argv for argv in COMMANDS if argv[1].startswith("experiments/")}
+GRID_COMMANDS = [argv for argv in COMMANDS if argv[1] == "recipes/compare.py"]
+
+
+def test_every_experiment_file_has_its_command_in_experiments_md_and_every_command_names_one():
+    for argv in COMMANDS:
+        assert argv[0] == "python" and (argv in SCRIPT_COMMANDS.values() or argv in GRID_COMMANDS), argv
+    # The scripts run without arguments: their defaults are the measured configuration.
+    assert all(len(argv) == 2 for argv in SCRIPT_COMMANDS.values()), SCRIPT_COMMANDS
+    assert all(argv[2] == "run" and len(argv) == 4 for argv in GRID_COMMANDS), GRID_COMMANDS
+    scripts = {p.relative_to(ROOT).as_posix() for p in EXPERIMENTS.glob("*.py") if not p.name.startswith("_")}
+    grids = {p.relative_to(ROOT).as_posix() for p in EXPERIMENTS.glob("*.yaml")}
+    assert set(SCRIPT_COMMANDS) == scripts == {
+        "experiments/accumulation.py", "experiments/loss_scaling.py", "experiments/master_weights.py",
+        "experiments/lr_find.py",
+    }
+    assert sorted(argv[3] for argv in GRID_COMMANDS) == sorted(grids) and len(grids) == 7
+    assert not (ROOT / "recipes/experiments.py").exists() and not (ROOT / "recipes/configs/experiments").exists()
+
+
+@pytest.mark.parametrize("argv", GRID_COMMANDS, ids=lambda argv: Path(argv[3]).stem)
+def test_every_grid_command_plans_one_run_per_variant_and_seed(argv, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the grid path is relative to the repository root, where the command is run
+    compare.main([*argv[2:], "--dry-run", "--out", str(tmp_path)])
+    grid = yaml.safe_load((ROOT / argv[3]).read_text())
+    planned = [line for line in capsys.readouterr().out.splitlines() if " fit --config " in line]
+    assert len(planned) == len(grid["variants"]) * len(grid["seeds"]) >= 2
+    assert all(f"-m lightning_recipes.recipes.{grid['recipe']} fit" in line for line in planned)
+
+
+@pytest.fixture
+def load(monkeypatch):
+    # On sys.path while the test runs, as `python experiments/<name>.py` puts it: the scripts import `_common`.
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    return importlib.import_module
+
+
+def _check(out: Path, name: str, argv: list[str]) -> dict:
     result = json.loads((out / "result.json").read_text())
     for key in ("date_utc", "cpu", "cpu_cores", "torch", "lightning"):
         assert result["environment"][key]
     assert result["experiment"] == name and result["arguments"]["seed"] == 0
-    return out, result
+    assert result["command"] == " ".join(["python", f"experiments/{name}.py", *argv])
+    return result
+
+
+def _run(load, name: str, tmp_path: Path, *args: str) -> tuple[Path, dict]:
+    """The documented command with ``--out`` and ``args`` added, run by the script's own ``main``."""
+    documented = SCRIPT_COMMANDS[f"experiments/{name}.py"]
+    out = tmp_path / name
+    argv = [*documented[2:], "--out", str(out), *args]
+    load(name).main(argv)
+    return out, _check(out, name, argv)
 
 
 def _is_png(path):
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_master_weights_exact_values_and_bf16_runs(tmp_path, capsys):
-    out, result = _run("master_weights", tmp_path, "--starts", "1.0", "1e-4", *TINY_TRAINING, *TINY_VIT)
+def test_master_weights_exact_values_and_bf16_runs_as_a_user_runs_it(tmp_path):
+    documented = SCRIPT_COMMANDS["experiments/master_weights.py"]
+    out = tmp_path / "master_weights"
+    argv = [*documented[2:], "--out", str(out), "--starts", "1.0", "1e-4", *TINY_TRAINING, *TINY_VIT]
+    process = subprocess.run([sys.executable, *documented[1:], *argv], capture_output=True, text=True, cwd=ROOT)
+    assert process.returncode == 0, process.stderr
+    result = _check(out, "master_weights", argv)
     assert _is_png(out / "master_weights.png") and _is_png(out / "master_weights_training.png")
     final = {(r["start"], r["dtype"]): r["final"] for r in result["exact"]}
     # 1.0 + 1e-6, 1000 times: fp16 (spacing 2^-10 at 1.0) and bf16 (2^-7) round every step back to 1.0.
@@ -44,12 +119,15 @@ def test_master_weights_exact_values_and_bf16_runs(tmp_path, capsys):
         "torch.float32", "torch.float32", "torch.bfloat16",
     ]
     assert all(runs[p]["optimizer_steps"] == 3 for p in runs)
-    assert "| 1 | float16 | 9.77e-04 | no | 1 |" in capsys.readouterr().out
+    assert "| 1 | float16 | 9.77e-04 | no | 1 |" in process.stdout
+    assert f"wrote {out / 'result.json'}" in process.stdout
+    # The recipe's warning about bf16-true is what this experiment measures: silenced.
+    assert "precision='bf16-true' keeps" not in process.stderr, process.stderr
 
 
-def test_accumulation_matches_to_rounding_without_batchnorm(tmp_path):
+def test_accumulation_matches_to_rounding_without_batchnorm(load, tmp_path):
     out, result = _run(
-        "accumulation", tmp_path, "--steps", "2", "--micro-batch", "4", "--k", "2",
+        load, "accumulation", tmp_path, "--steps", "2", "--micro-batch", "4", "--k", "2",
         "--variants", "vit-fp32", "vit-fp64", "resnet-bn-fp32", *TINY_VIT,
     )
     assert _is_png(out / "accumulation.png")
@@ -64,8 +142,8 @@ def test_accumulation_matches_to_rounding_without_batchnorm(tmp_path):
     assert v["vit-fp32"]["batchnorm_running_stats_max_abs_diff"] is None
 
 
-def test_loss_scaling_keeps_gradients_that_fp16_flushes(tmp_path):
-    out, result = _run("loss_scaling", tmp_path, "--probe-size", "16", *TINY_TRAINING, *TINY_VIT)
+def test_loss_scaling_keeps_gradients_that_fp16_flushes(load, tmp_path):
+    out, result = _run(load, "loss_scaling", tmp_path, "--probe-size", "16", *TINY_TRAINING, *TINY_VIT)
     assert _is_png(out / "loss_scaling_histogram.png") and _is_png(out / "loss_scaling_training.png")
     runs = result["runs"]
     probes = [result["initial_probe"]] + [
@@ -84,8 +162,10 @@ def test_loss_scaling_keeps_gradients_that_fp16_flushes(tmp_path):
     assert all(run["optimizer_steps"] == 3 for run in runs.values())
 
 
-def test_lr_find_suggests_a_learning_rate_and_saves_each_plot(tmp_path):
-    out, result = _run("lr_find", tmp_path, "--num-training", "15", "--batch-size", "16", "--recipes", "vit", "resnet", *TINY_VIT)
+def test_lr_find_suggests_a_learning_rate_and_saves_each_plot(load, tmp_path):
+    out, result = _run(
+        load, "lr_find", tmp_path, "--num-training", "15", "--batch-size", "16", "--recipes", "vit", "resnet", *TINY_VIT
+    )
     r = {x["recipe"]: x for x in result["recipes"]}
     assert (r["vit"]["default_lr"], r["resnet"]["default_lr"]) == (1e-3, 0.1)
     assert (r["vit"]["optimizer"], r["resnet"]["optimizer"]) == ("AdamW", "SGD")
@@ -101,10 +181,79 @@ def test_lr_find_suggests_a_learning_rate_and_saves_each_plot(tmp_path):
     assert vit["smoothed_losses_corrected"][0] == pytest.approx(math.log(10), rel=1e-4)
 
 
-def test_invalid_sizes_are_refused_by_the_command_line(tmp_path, capsys):
+def test_invalid_sizes_are_refused_by_the_command_line(load, tmp_path, capsys):
+    accumulation = load("accumulation")
     with pytest.raises(SystemExit):
-        main(["accumulation", "--out", str(tmp_path), "--steps", "0"])
-    assert "must be an integer >= 1, got '0'" in capsys.readouterr().err
+        accumulation.main(["--out", str(tmp_path), "--steps", "0"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: python experiments/accumulation.py") and "must be an integer >= 1, got '0'" in err
     with pytest.raises(SystemExit):
-        main(["accumulation", "--out", str(tmp_path), "--variants", "vit-fp16"])
+        accumulation.main(["--out", str(tmp_path), "--variants", "vit-fp16"])
+    assert "invalid choice: 'vit-fp16'" in capsys.readouterr().err
     assert not (tmp_path / "result.json").exists()
+
+
+# ---------------------------------------------------------------- the import graph: experiments use, nothing uses them
+
+EXPERIMENT_MODULES = {p.stem for p in EXPERIMENTS.glob("*.py")}  # `python experiments/x.py` makes them top-level
+
+
+def _imports_of_experiments(source: str, package: str) -> list[str]:
+    """The imports in ``source`` (a module of ``package``) that would load a file of experiments/."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolved against the installed package, lightning_recipes.<package>
+                parent = ["lightning_recipes", package][: max(0, 2 - node.level + 1)]
+                base = ".".join([*parent, *([base] if base else [])])
+            modules = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        for module in modules:
+            parts = module.split(".")
+            if parts[0] in EXPERIMENT_MODULES | {"experiments"} or "experiments" in parts:
+                found.append(f"line {node.lineno}: {module}")
+    return found
+
+
+def test_the_import_graph_detector_sees_every_way_to_import_an_experiment():
+    for source in ("import experiments", "from experiments import lr_find", "import experiments.lr_find as x",
+                   "from _common import markdown", "import accumulation", "from lightning_recipes import experiments",
+                   "from .. import experiments", "from ..experiments import lr_find"):
+        assert _imports_of_experiments(source, "recipes"), source
+    for source in ("from lightning_recipes.recipes import compare", "from . import common", "import report"):
+        assert not _imports_of_experiments(source, "recipes"), source
+
+
+@pytest.mark.parametrize("folder", ["recipes", "callbacks", "datamodules", "benchmarks"])
+def test_nothing_in_the_package_or_the_benchmarks_imports_an_experiment(folder):
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert files
+    offending = {
+        str(f.relative_to(ROOT)): found
+        for f in files
+        if (found := _imports_of_experiments(f.read_text(), folder))
+    }
+    assert not offending, offending
+    assert importlib.util.find_spec("lightning_recipes.recipes.experiments") is None
+
+
+def test_the_experiments_use_the_installed_package_and_their_own_common_module_only():
+    repository_folders = {p.name for p in ROOT.iterdir() if p.is_dir()} | {"report", "data_fakes"}
+    for script in sorted(EXPERIMENTS.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.level == 0, f"{script.name}: relative import (the folder is not a package)"
+                modules = [node.module]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert top not in repository_folders and top not in EXPERIMENT_MODULES - {"_common"}, (
+                    f"{script.name} line {node.lineno}: import {module}; use lightning_recipes.* or _common"
+                )

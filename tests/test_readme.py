@@ -13,7 +13,7 @@ README = (ROOT / "README.md").read_text()
 
 
 def test_every_repository_path_in_the_readme_exists():
-    paths = set(re.findall(r"(?:recipes|callbacks|datamodules|benchmarks|docs|tests)/[\w./-]+\.(?:py|yaml|png|md)", README))
+    paths = set(re.findall(r"(?:recipes|callbacks|datamodules|benchmarks|experiments|docs|tests)/[\w./-]+\.(?:py|yaml|png|md)", README))
     assert "recipes/vit.py" in paths and "recipes/configs/resnet50_imagenet.yaml" in paths
     missing = sorted(p for p in paths if not (ROOT / p).is_file())
     assert not missing, f"README names files that do not exist: {missing}"
