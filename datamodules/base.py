@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -31,8 +32,14 @@ class ImageClassificationDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         _check_positive_int("batch_size", batch_size)
-        if not isinstance(num_workers, int) or isinstance(num_workers, bool) or num_workers < 0:
-            raise ValueError(f"num_workers={num_workers!r} is invalid: use 0 (load in the main process) or a positive int.")
+        check_number(
+            "num_workers",
+            num_workers,
+            "use 0 (load in the main process) or a positive int",
+            option="--data.num_workers",
+            integer=True,
+            at_least=0,
+        )
         self.batch_size = batch_size
         self.num_workers = num_workers
         # None = pin when CUDA is there to receive the batches; pinning on a CPU-only run only costs time.
@@ -69,6 +76,28 @@ class ImageClassificationDataModule(LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
 
+def check_number(
+    name: str,
+    value: object,
+    allowed: str,
+    *,
+    option: Optional[str],
+    integer: bool = False,
+    at_least: float = -math.inf,
+    above: float = -math.inf,
+    below: float = math.inf,
+    at_most: float = math.inf,
+) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number (an int if ``integer``) within the bounds given.
+
+    The message quotes the value, names the argument and its command-line option and says what is allowed:
+    ``depth=0 is invalid: a ViT needs at least 1 encoder block (--model.depth).`` Shared by the data modules
+    and the recipes; ``option=None`` for an argument the CLI links from the data module instead of exposing it.
+    """
+    number = isinstance(value, int) if integer else isinstance(value, (int, float)) and math.isfinite(value)
+    if isinstance(value, bool) or not number or not (at_least <= value <= at_most and above < value < below):
+        raise ValueError(f"{name}={value!r} is invalid: {allowed}" + (f" ({option})." if option else "."))
+
+
 def _check_positive_int(name: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: it must be a positive int.")
+    check_number(name, value, "it must be a positive int", option=f"--data.{name}", integer=True, at_least=1)

@@ -9,7 +9,7 @@ import torch
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule
+from lightning_recipes.datamodules.base import ImageClassificationDataModule, check_number
 
 # Per-channel statistics of the 50,000 training images (the values torchvision's and timm's CIFAR recipes use).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -60,10 +60,8 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         super().__init__(
             batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
         )
-        if isinstance(random_erasing, bool) or not 0.0 <= random_erasing <= 1.0:
-            raise ValueError(
-                f"random_erasing={random_erasing!r} is invalid: it is a probability in [0, 1] (0 disables it)."
-            )
+        erasing = "it is a probability in [0, 1] (0 disables it)"
+        check_number("random_erasing", random_erasing, erasing, option="--data.random_erasing", at_least=0, at_most=1)
         self.data_dir = data_dir
         self.download = download
         self.trivial_augment = trivial_augment

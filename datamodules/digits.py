@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -10,7 +11,9 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int
+from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int, check_number
+
+N_IMAGES = 1797  # len(load_digits().target)
 
 
 class TensorImageDataset(Dataset):
@@ -76,10 +79,25 @@ class DigitsDataModule(ImageClassificationDataModule):
             batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
         )
         _check_positive_int("image_size", image_size)
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction={val_fraction!r} is invalid: it must lie strictly between 0 and 1.")
-        if len(scale) != 2 or not 0 < scale[0] <= scale[1]:
-            raise ValueError(f"scale={scale!r} is invalid: give (low, high) with 0 < low <= high.")
+        rotation = "the largest rotation must lie in [0, 180] degrees"
+        check_number("max_rotation", max_rotation, rotation, option="--data.max_rotation", at_least=0, at_most=180)
+        translate = "the largest shift is a fraction of the image side, in [0, 1]"
+        check_number("max_translate", max_translate, translate, option="--data.max_translate", at_least=0, at_most=1)
+        finite = len(scale) == 2 and all(isinstance(s, (int, float)) and math.isfinite(s) for s in scale)
+        if not finite or not 0 < scale[0] <= scale[1]:
+            raise ValueError(f"scale={scale!r} is invalid: give (low, high) with 0 < low <= high (--data.scale).")
+        between = "it must lie strictly between 0 and 1"
+        check_number("val_fraction", val_fraction, between, option="--data.val_fraction", above=0, below=1)
+        held_out = math.ceil(val_fraction * N_IMAGES)  # how scikit-learn's train_test_split rounds
+        if min(held_out, N_IMAGES - held_out) < self.num_classes:
+            # A stratified split needs one image of every class on each side; scikit-learn would fail in setup().
+            raise ValueError(
+                f"val_fraction={val_fraction!r} is invalid: it holds out {held_out:,} of the {N_IMAGES:,} images, and"
+                f" each side of the stratified split needs at least {self.num_classes} (one per class): use a value"
+                " in [0.006, 0.994] (--data.val_fraction)."
+            )
+        seed = "scikit-learn takes a seed in [0, 2**32 - 1]"
+        check_number("split_seed", split_seed, seed, option="--data.split_seed", integer=True, at_least=0, below=2**32)
         self.image_size = image_size
         self.augment = augment
         self.max_rotation, self.max_translate, self.scale = max_rotation, max_translate, tuple(scale)

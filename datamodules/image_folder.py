@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
@@ -10,7 +11,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int
+from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int, check_number
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,16 +84,14 @@ class ImageFolderDataModule(ImageClassificationDataModule):
             # CenterCrop larger than the resized image pads it with black borders.
             raise ValueError(
                 f"val_crop_size={val_crop_size!r} is invalid with val_resize_size={val_resize_size!r}: "
-                f"the crop must not exceed the resized shorter side (torchvision uses 224 of 256)."
+                "the crop must not exceed the resized shorter side (--data.val_crop_size; torchvision uses 224 of 256)."
             )
-        if isinstance(random_erasing, bool) or not 0.0 <= random_erasing <= 1.0:
-            raise ValueError(
-                f"random_erasing={random_erasing!r} is invalid: it is a probability in [0, 1] (0 disables it)."
-            )
-        if len(mean) != 3:
-            raise ValueError(f"mean={mean!r} is invalid: give 3 values, one per RGB channel.")
-        if len(std) != 3 or not all(s > 0 for s in std):
-            raise ValueError(f"std={std!r} is invalid: give 3 positive values, one per RGB channel.")
+        erasing = "it is a probability in [0, 1] (0 disables it)"
+        check_number("random_erasing", random_erasing, erasing, option="--data.random_erasing", at_least=0, at_most=1)
+        if len(mean) != 3 or not all(_is_finite(m) for m in mean):
+            raise ValueError(f"mean={mean!r} is invalid: give 3 values, one per RGB channel, all finite (--data.mean).")
+        if len(std) != 3 or not all(_is_finite(s) and s > 0 for s in std):
+            raise ValueError(f"std={std!r} is invalid: give 3 positive values, one per RGB channel (--data.std).")
         self.root = root
         self.train_crop_size, self.val_resize_size, self.val_crop_size = train_crop_size, val_resize_size, val_crop_size
         self.hflip, self.trivial_augment, self.random_erasing = hflip, trivial_augment, float(random_erasing)
@@ -169,6 +168,10 @@ def _check_layout(root: str) -> list[str]:
                     f"remove the folder from both train/ and val/ (every subfolder of train/ is a class)."
                 )
     return classes["train"]
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _has_image(folder: str) -> bool:

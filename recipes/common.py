@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule
+from lightning_recipes.datamodules.base import ImageClassificationDataModule, check_number
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -46,6 +46,11 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] 
     ]
 
 
+def check_model_arg(name: str, value: object, allowed: str, **bounds: Any) -> None:
+    """``check_number`` for a recipe's model argument: the message names its option ``--model.<name>``."""
+    check_number(name, value, allowed, option=f"--model.{name}", **bounds)
+
+
 class ImageClassifier(LightningModule):
     """Cross-entropy classification with top-1 (and top-5) accuracy; subclasses build ``self.model``.
 
@@ -61,10 +66,10 @@ class ImageClassifier(LightningModule):
 
     def __init__(self, *, num_classes: int, label_smoothing: float) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes={num_classes!r} is invalid: a classifier needs at least 2 classes.")
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing={label_smoothing!r} is invalid: use a value in [0, 1).")
+        # No --model option for num_classes (nor in_channels, image_size): the CLI links it from the data module.
+        classes = "a classifier needs at least 2 classes"
+        check_number("num_classes", num_classes, classes, option=None, integer=True, at_least=2)
+        check_model_arg("label_smoothing", label_smoothing, "use a value in [0, 1)", at_least=0, below=1)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top_k = (1, 5) if num_classes > 5 else (1,)
         self.metric_names = {1: "acc", 5: "acc_top5"}
@@ -204,6 +209,30 @@ def _check_precision_and_strategy(config: dict[str, Any]) -> None:
         config["plugins"] = [*plugins, MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
 
 
+def _check_yaml_syntax(argv: Sequence[str]) -> None:
+    """Exit naming the file when a ``--config`` file is not valid YAML.
+
+    jsonargparse 4.x reads the file's text and reports a syntax error with its line and column but without
+    the file's name, which leaves a user with several configs guessing. Composing the YAML (syntax only: no
+    values are built, so nothing jsonargparse would accept is refused here) reports the same positions, named.
+    """
+    import yaml  # installed with jsonargparse
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():  # a YAML string instead of a path, or a missing file jsonargparse reports
+            continue
+        with open(path, "rb") as file:  # the stream's name puts the path into the error's positions
+            try:
+                # jsonargparse 4.53's loader class, so that the wording is the one it would print.
+                yaml.compose(file, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+            except yaml.YAMLError as err:
+                # Exit status 2, as jsonargparse's (argparse's) own usage errors.
+                print(f"error: Problems parsing config file {path}: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+
 def run_cli(model_class: type[ImageClassifier], default_config: str, args: Optional[list[str]] = None) -> RecipeCLI:
     """Start a recipe's CLI; without ``--config`` its defaults are ``recipes/configs/<default_config>`` (digits).
 
@@ -213,6 +242,7 @@ def run_cli(model_class: type[ImageClassifier], default_config: str, args: Optio
     """
     argv = sys.argv[1:] if args is None else args
     has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in argv)
+    _check_yaml_syntax(argv)
     defaults = {"default_config_files": [] if has_config else [str(CONFIG_DIR / default_config)]}
     with warnings.catch_warnings():
         # Lightning 2.6's pytree helper uses an API torch >= 2.10 deprecated; nothing a user can act on.

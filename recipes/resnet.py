@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50
 
-from lightning_recipes.recipes.common import ImageClassifier, param_groups, run_cli
+from lightning_recipes.recipes.common import ImageClassifier, check_model_arg, check_number, param_groups, run_cli
 from lightning_recipes.recipes.sync_batchnorm import GlobalBatchNorm2d, convert_to_global_batchnorm
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
@@ -70,6 +70,18 @@ class ResNetClassifier(ImageClassifier):
             raise ValueError(f"stem_stride={stem_stride!r} is invalid: use 1, or 2 with stem='small'.")
         if norm not in ("batch", "group", "sync_batch"):
             raise ValueError(f"norm={norm!r} is not supported: choose one of 'batch', 'group', 'sync_batch'.")
+        check_number("in_channels", in_channels, "it must be a positive int", option=None, integer=True, at_least=1)
+        groups = "GroupNorm needs at least 1 group"
+        check_model_arg("group_norm_groups", group_norm_groups, groups, integer=True, at_least=1)
+        check_model_arg("lr", lr, "the peak learning rate must be > 0", above=0)
+        # 1 or more never forgets a gradient: the update grows without bound.
+        check_model_arg("momentum", momentum, "SGD momentum must lie in [0, 1)", at_least=0, below=1)
+        if nesterov and momentum == 0:
+            raise ValueError(
+                f"momentum={momentum!r} is invalid with nesterov=True: Nesterov momentum must lie in (0, 1) "
+                "(--model.momentum); or set --model.nesterov false for plain SGD."
+            )
+        check_model_arg("weight_decay", weight_decay, "use a value >= 0 (0 disables it)", at_least=0)
         if norm == "group" and 64 % group_norm_groups:
             raise ValueError(
                 f"group_norm_groups={group_norm_groups} must divide every layer's channels (64 at the narrowest): "

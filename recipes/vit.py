@@ -17,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import ConvStemConfig
 
-from lightning_recipes.recipes.common import ImageClassifier, param_groups, run_cli
+from lightning_recipes.recipes.common import ImageClassifier, check_model_arg, check_number, param_groups, run_cli
 
 
 class CheckpointedBlocks(nn.Sequential):
@@ -87,6 +87,21 @@ class ViTClassifier(ImageClassifier):
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
         """
         super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
+        check_number("in_channels", in_channels, "it must be a positive int", option=None, integer=True, at_least=1)
+        check_number("image_size", image_size, "it must be a positive int", option=None, integer=True, at_least=1)
+        check_model_arg("patch_size", patch_size, "a patch side is a positive int", integer=True, at_least=1)
+        check_model_arg("depth", depth, "a ViT needs at least 1 encoder block", integer=True, at_least=1)
+        check_model_arg("width", width, "the token dimension must be a positive int", integer=True, at_least=1)
+        check_model_arg("heads", heads, "a block needs at least 1 attention head", integer=True, at_least=1)
+        check_model_arg("mlp_dim", mlp_dim, "a block's MLP needs at least 1 hidden unit", integer=True, at_least=1)
+        if conv_stem is not None and not all(type(c) is int and c >= 1 for c in conv_stem):
+            raise ValueError(
+                f"conv_stem={conv_stem!r} is invalid: every entry is a channel count >= 1 (--model.conv_stem)."
+            )
+        for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout)):
+            check_model_arg(name, value, "it is a probability in [0, 1); 1 would drop everything", at_least=0, below=1)
+        check_model_arg("lr", lr, "the peak learning rate must be > 0", above=0)
+        check_model_arg("weight_decay", weight_decay, "use a value >= 0 (0 disables it)", at_least=0)
         if image_size % patch_size:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}: choose a patch size among "
@@ -107,6 +122,12 @@ class ViTClassifier(ImageClassifier):
             )
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer={optimizer!r} is not supported: use 'adamw' or 'sgd'.")
+        if len(betas) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in betas):
+            raise ValueError(
+                f"betas={tuple(betas)} is invalid: give AdamW's 2 decay rates, each in [0, 1) (--model.betas)."
+            )
+        # torch's SGD refuses Nesterov without momentum; 1 or more never forgets a gradient and diverges.
+        check_model_arg("momentum", momentum, "SGD's Nesterov momentum must lie in (0, 1)", above=0, below=1)
         strides = []
         if conv_stem:
             halvings = patch_size.bit_length() - 1
