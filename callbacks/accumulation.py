@@ -88,7 +88,10 @@ class GradientAccumulation(Callback):
 
     **k from the global batch size.** At ``setup`` the callback sets ``Trainer.accumulate_grad_batches`` to
     ``k = global_batch_size / (micro batch x data-parallel processes)``. The micro batch is ``micro_batch_size``,
-    else the ``batch_size`` attribute of the LightningModule, its ``hparams`` or the data module.
+    else the ``batch_size`` attribute of the LightningModule, its ``hparams`` or the data module, else the
+    ``batch_size`` of the train dataloader (``trainer.fit(model, train_dataloaders=loader)``) or of its batch
+    sampler. The loader exists only after ``configure_optimizers``, so in that last case k is set at
+    ``on_fit_start``: pass ``micro_batch_size`` if ``configure_optimizers`` reads ``estimated_stepping_batches``.
 
     **Exact windows.** Lightning divides every micro-batch loss by ``k``. That is the window mean only when the
     window holds ``k`` batches of equal size: the last window of an epoch whose length is not a multiple of ``k``
@@ -122,7 +125,7 @@ class GradientAccumulation(Callback):
             None: one micro-batch per process per step (k = 1): nothing is accumulated, the callback only logs, so
             a config can carry it and a user sets the size when they want accumulation.
         micro_batch_size: Samples per process per forward pass; default: the ``batch_size`` attribute found by
-            Lightning's ``lightning_getattr``.
+            Lightning's ``lightning_getattr``, else the train dataloader's (or its batch sampler's) ``batch_size``.
         schedule: ``{start: global batch size}`` for ``start >= 1``, non-decreasing sizes ``>= global_batch_size``.
         schedule_unit: ``"epoch"`` or ``"step"``: what the schedule's keys count.
         partial_window: ``"mean"`` (exact mean over the window's samples) or ``"drop"``.
@@ -184,6 +187,7 @@ class GradientAccumulation(Callback):
         self.samples_seen = 0
         self._k: Optional[int] = None  # accumulation of the window in progress (restored on resume)
         self._replicas = 1
+        self._micro: Optional[int] = None  # resolved at setup, or at on_fit_start from the train dataloader
         self._trainer_k: Optional[int] = None  # the value we found on the Trainer, restored at teardown
         self._trainer_max_steps: Optional[int] = None
         self._window = _Window()
@@ -223,18 +227,21 @@ class GradientAccumulation(Callback):
                 f"{mine} needs automatic optimization, but {type(pl_module).__name__}.automatic_optimization is False"
             )
         micro = self.micro_batch_size
-        if micro is None:
-            if not lightning_hasattr(pl_module, "batch_size"):
-                raise MisconfigurationException(
-                    f"{mine} needs the micro batch size, but neither {type(pl_module).__name__}, its hparams nor the"
-                    " data module has a `batch_size` attribute: pass GradientAccumulation(micro_batch_size=...)"
-                )
+        if micro is None and lightning_hasattr(pl_module, "batch_size"):
             micro = lightning_getattr(pl_module, "batch_size")
             if not _is_int(micro) or micro < 1:
                 raise MisconfigurationException(
                     f"{mine}: the `batch_size` attribute found by lightning_getattr is {micro!r}, not an integer >= 1:"
                     " pass GradientAccumulation(micro_batch_size=...)"
                 )
+        self._trainer_k = trainer.accumulate_grad_batches
+        self._micro = None
+        if micro is not None:
+            self._set_k(trainer, micro)
+        # Else only the train dataloader knows the micro batch (a DataLoader given to `fit`, or built by the
+        # module's `train_dataloader`): Lightning builds it after `setup`, so k is set at `on_fit_start`.
+
+    def _set_k(self, trainer: pl.Trainer, micro: int) -> None:
         # Data-parallel replicas, not the world size: tensor-parallel ranks share one batch.
         replicas = int((getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1))
         self._replicas = replicas
@@ -243,12 +250,38 @@ class GradientAccumulation(Callback):
         for start, size in self.schedule.items():
             self.ks.append((start, _accumulation(size, micro, replicas, f"schedule[{start}]")))
         self._micro = micro
-        self._trainer_k = trainer.accumulate_grad_batches
         self._k = self.ks[0][1]
         trainer.accumulate_grad_batches = self._k
 
+    def _loader_batch_size(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int:
+        """The micro batch size of the train dataloader: its ``batch_size``, else its batch sampler's."""
+        # `fit_loop.setup_data()` is what `trainer.estimated_stepping_batches` calls to load the train dataloader
+        # before the loop does (Lightning 2.5 and 2.6); once loaded, the loop's own call does nothing.
+        trainer.fit_loop.setup_data()
+        loader = trainer.train_dataloader
+        micro = getattr(loader, "batch_size", None)
+        if micro is None:  # DataLoader(batch_sampler=...) leaves batch_size None
+            micro = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        if not _is_int(micro) or micro < 1:
+            raise MisconfigurationException(
+                f"GradientAccumulation(global_batch_size={self.global_batch_size}) needs the micro batch size, but"
+                f" neither {type(pl_module).__name__}, its hparams, the data module nor the train dataloader"
+                f" ({type(loader).__name__}) or its batch sampler has an integer `batch_size`: pass"
+                " GradientAccumulation(micro_batch_size=...)"
+            )
+        return micro
+
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._micro is None:
+            self._set_k(trainer, self._loader_batch_size(trainer, pl_module))
+            if trainer.lr_scheduler_configs and max(k for _, k in self.ks) > 1:
+                rank_zero_warn(
+                    f"GradientAccumulation: the micro batch size {self._micro} comes from the train dataloader, which"
+                    " exists only after configure_optimizers: a scheduler built there from"
+                    " trainer.estimated_stepping_batches counted 1 micro-batch per step instead of"
+                    f" {self.ks[0][1]}. Pass GradientAccumulation(micro_batch_size={self._micro}) to set k at setup."
+                )
         # Optimizers, `configure_model` and `sync_batchnorm` are in place from here on.
         if max(k for _, k in self.ks) > 1:
             self._warn_batchnorm(trainer, pl_module)

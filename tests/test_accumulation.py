@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
 from recording_logger import RecordingLogger
 from lightning_recipes.callbacks import GradientAccumulation, LRSchedule
@@ -234,3 +234,75 @@ def test_schedule_keeps_estimated_steps_and_lr_schedule_exact(schedule, unit, ep
     assert trainer.global_step == len(windows)
     assert probe.estimated == len(windows) == lr.resolved_total_steps
     assert trainer.max_steps == -1  # the planned limit is handed back after fit
+
+
+class NoBatchSize(L.LightningModule):
+    """What a user writes: a module without a `batch_size`, trained on a DataLoader passed to `fit`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return ((self.net(x) - y) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_loader(loader, callback):
+    logger, probe = RecordingLogger(), Windows()
+    trainer = L.Trainer(max_epochs=1, logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback, probe])
+    trainer.fit(NoBatchSize(), train_dataloaders=loader)
+    rows = [m for _, m in logger.rows if "accumulation/micro_batches" in m]
+    return trainer, probe, rows
+
+
+DATA = TensorDataset(torch.randn(64, 8), torch.randn(64, 1))
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        DataLoader(DATA, batch_size=8),
+        DataLoader(DATA, batch_sampler=BatchSampler(RandomSampler(DATA), batch_size=8, drop_last=False)),
+    ],
+    ids=["batch_size", "batch_sampler"],
+)
+def test_the_micro_batch_size_comes_from_a_plain_dataloader_given_to_fit(loader):
+    trainer, probe, rows = _fit_loader(loader, GradientAccumulation(global_batch_size=32, log_every_n_steps=1))
+    # 64 samples in batches of 8: 8 micro-batches, 4 per optimizer step.
+    assert trainer.global_step == 2
+    assert probe.windows == [4, 4]
+    assert [m["accumulation/micro_batches"] for m in rows] == [4.0, 4.0]
+    assert [m["accumulation/global_batch_size"] for m in rows] == [32.0, 32.0]
+
+
+def test_a_loader_without_a_batch_size_asks_for_micro_batch_size():
+    loader = DataLoader(DATA, batch_sampler=[list(range(i, i + 8)) for i in range(0, 64, 8)])
+    with pytest.raises(
+        MisconfigurationException,
+        match=r"GradientAccumulation\(global_batch_size=32\) needs the micro batch size, but neither NoBatchSize, its"
+        r" hparams, the data module nor the train dataloader \(DataLoader\) or its batch sampler has an integer"
+        r" `batch_size`: pass GradientAccumulation\(micro_batch_size=...\)",
+    ):
+        _fit_loader(loader, GradientAccumulation(global_batch_size=32))
+    trainer, probe, _ = _fit_loader(loader, GradientAccumulation(global_batch_size=32, micro_batch_size=8))
+    assert trainer.global_step == 2 and probe.windows == [4, 4]
+
+
+def test_a_scheduler_built_before_the_loader_is_known_is_warned_about():
+    class WithScheduler(NoBatchSize):
+        def configure_optimizers(self):
+            optimizer = super().configure_optimizers()
+            total = self.trainer.estimated_stepping_batches  # 8 batches, counted before k is known
+            return [optimizer], [torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.0, total_iters=total)]
+
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[GradientAccumulation(global_batch_size=32)])
+    with pytest.warns(UserWarning, match=r"the micro batch size 8 comes from the train dataloader, which exists only"
+                      r" after configure_optimizers: .* instead of 4\. Pass GradientAccumulation\(micro_batch_size=8\)"):
+        trainer.fit(WithScheduler(), train_dataloaders=DataLoader(DATA, batch_size=8))
+    assert trainer.global_step == 2
