@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
@@ -92,37 +92,10 @@ class ImageClassifier(LightningModule):
         unit's full parameters; the root call shards what is left (embeddings, head). Other strategies wrap
         the model themselves and this does nothing.
         """
-        # `_trainer` is None when Lightning calls this outside a Trainer (load_from_checkpoint, Lightning 2.6):
-        # the public `trainer` property raises there.
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
-            return
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        if isinstance(self.model, FSDPModule):  # configure_model runs again on validate/test after fit
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for unit in self.fsdp_units():
-            fully_shard(unit, mesh=mesh)
-        fully_shard(self.model, mesh=mesh)
+        shard_with_fsdp2(self, self.model, self.fsdp_units)
 
     def setup(self, stage: str) -> None:
-        precision = str(getattr(self.trainer, "precision", "32-true"))
-        if precision in ("bf16-true", "16-true"):
-            if not self.supports_true_half:
-                raise ValueError(
-                    f"precision={precision!r} with {type(self).__name__}: BatchNorm running statistics and SGD momentum "
-                    "in 16 bits lose the small updates they accumulate. Use --trainer.precision bf16-mixed "
-                    "(16-bit compute, float32 weights)."
-                )
-            dtype = "bfloat16" if precision == "bf16-true" else "float16"
-            spacing = torch.finfo(getattr(torch, dtype)).eps
-            warnings.warn(
-                f"precision={precision!r} keeps the weights, gradients and AdamW state in {dtype}: an update smaller "
-                f"than half the spacing of a weight's value is lost (spacing {spacing:.2g} at 1.0, so 1.0 + 1e-6 added "
-                "1000 times stays 1.0 instead of reaching about 1.001). Use --trainer.precision bf16-mixed to keep float32 master "
-                "weights.",
-                stacklevel=2,
-            )
+        check_true_half(self, self.supports_true_half)
         datamodule = getattr(self.trainer, "datamodule", None)
         for name in self.data_links:
             ours, theirs = self.hparams.get(name), getattr(datamodule, name, None)
@@ -162,6 +135,46 @@ class ImageClassifier(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.build_optimizer()
+
+
+def shard_with_fsdp2(module: LightningModule, root: nn.Module, units: Callable[[], Iterable[nn.Module]]) -> None:
+    """Under ModelParallelStrategy, apply FSDP2's ``fully_shard`` to every unit and then to ``root`` (ZeRO-3).
+
+    Shared by every recipe's ``configure_model``; ``units`` is called only when sharding happens.
+    """
+    # `_trainer` is None when Lightning calls this outside a Trainer (load_from_checkpoint, Lightning 2.6):
+    # the public `trainer` property raises there.
+    if module._trainer is None or not isinstance(module.trainer.strategy, ModelParallelStrategy):
+        return
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(root, FSDPModule):  # configure_model runs again on validate/test after fit
+        return
+    mesh = module.device_mesh["data_parallel"]
+    for unit in units():
+        fully_shard(unit, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
+def check_true_half(module: LightningModule, supported: bool) -> None:
+    """Refuse (``supported=False``) or warn about ``precision='bf16-true' / '16-true'``: 16-bit master weights."""
+    precision = str(getattr(module.trainer, "precision", "32-true"))
+    if precision in ("bf16-true", "16-true"):
+        if not supported:
+            raise ValueError(
+                f"precision={precision!r} with {type(module).__name__}: BatchNorm running statistics and SGD momentum "
+                "in 16 bits lose the small updates they accumulate. Use --trainer.precision bf16-mixed "
+                "(16-bit compute, float32 weights)."
+            )
+        dtype = "bfloat16" if precision == "bf16-true" else "float16"
+        spacing = torch.finfo(getattr(torch, dtype)).eps
+        warnings.warn(
+            f"precision={precision!r} keeps the weights, gradients and AdamW state in {dtype}: an update smaller "
+            f"than half the spacing of a weight's value is lost (spacing {spacing:.2g} at 1.0, so 1.0 + 1e-6 added "
+            "1000 times stays 1.0 instead of reaching about 1.001). Use --trainer.precision bf16-mixed to keep float32 master "
+            "weights.",
+            stacklevel=3,
+        )
 
 
 class RecipeCLI(LightningCLI):
@@ -233,7 +246,12 @@ def _check_yaml_syntax(argv: Sequence[str]) -> None:
                 raise SystemExit(2) from None
 
 
-def run_cli(model_class: type[ImageClassifier], default_config: str, args: Optional[list[str]] = None) -> RecipeCLI:
+def run_cli(
+    model_class: type[LightningModule],
+    default_config: str,
+    args: Optional[list[str]] = None,
+    datamodule_class: type[LightningDataModule] = ImageClassificationDataModule,
+) -> RecipeCLI:
     """Start a recipe's CLI; without ``--config`` its defaults are ``recipes/configs/<default_config>`` (digits).
 
     A ``--config`` file replaces those defaults instead of being layered on them: the digits choices (16-px
@@ -252,7 +270,7 @@ def run_cli(model_class: type[ImageClassifier], default_config: str, args: Optio
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         return RecipeCLI(
             model_class,
-            ImageClassificationDataModule,
+            datamodule_class,
             subclass_mode_data=True,
             parser_kwargs={sub: defaults for sub in ("fit", "validate", "test", "predict")},
             save_config_kwargs={"overwrite": True},

@@ -74,3 +74,22 @@ def write_tree(root, per_class=(3, 2)) -> str:
     return str(root)
 
 
+
+
+def write_text_folder(root, files: int = 40, lines: int = 30) -> str:
+    """A folder of small made-up Python-like text files (deterministic), enough for both splits of TextDataModule."""
+    for i in range(files):
+        path = os.path.join(root, f"pkg{i % 3}", f"module_{i}.txt")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(lines))
+    return str(root)
+
+
+def write_token_bins(root, vocab_size: int = 50257, train_tokens: int = 4096, val_tokens: int = 1024) -> str:
+    """train.bin / val.bin in nanoGPT's format (uint16 ids, no header), ids below ``vocab_size``."""
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", train_tokens), ("val", val_tokens)):
+        rng.integers(0, vocab_size, n, dtype=np.uint16).tofile(os.path.join(root, f"{name}.bin"))
+    return str(root)
