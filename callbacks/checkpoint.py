@@ -1,7 +1,31 @@
-"""Atomic, rotating checkpoints that resume training bit for bit, as a drop-in Lightning callback.
+"""Rotating checkpoints that resume training bit for bit, as a drop-in Lightning callback.
 
-Copy this one file into your project: it needs torch and lightning only. After a pre-emption, run the same
-command again with ``ckpt_path="last"`` (``--ckpt_path last`` with LightningCLI).
+Copy three files into your project, side by side: ``checkpoint.py`` (this one: rotation, RNG states, ``last``),
+``checkpoint_io.py`` (atomic, validated, asynchronous files) and ``resumable_loader.py`` (the train loader's
+position). They need torch and lightning only. After a pre-emption, run the same command again with
+``ckpt_path="last"`` (``--ckpt_path last`` with LightningCLI).
+
+Where resume state lives:
+
+=========================  =====================================================================================
+state                       saved and restored by
+=========================  =====================================================================================
+weights, optimizer, AMP     Lightning (``state_dict``, ``optimizer_states``, ...)
+loops, step counters        Lightning (``loops``)
+data position, order seed   ``ResumableDataLoader.state_dict`` (Lightning's stateful-loader path, ``loops.fit_loop``)
+RNG states of every rank    this callback's ``state_dict`` (``rng``), restored at ``on_train_start``
+half-window gradients       this callback's ``state_dict`` (``grads``; single process)
+rotation bookkeeping        this callback's ``state_dict`` (``recent``, and ``ModelCheckpoint``'s best-k fields)
+=========================  =====================================================================================
+
+Private Lightning attributes used (checked on Lightning 2.5.0 and 2.6.6, each exercised by tests/test_checkpoint.py):
+
+=======================================================  ===========================================================
+``ModelCheckpoint._find_last_checkpoints``                 the hook Lightning calls to resolve ``ckpt_path="last"``
+``trainer.fit_loop._data_source``                          where a user's plain train loader comes from, to rebuild it
+``trainer._accelerator_connector.use_distributed_sampler``  whether Lightning would shard a rebuilt loader
+``ModelParallelStrategy._save_distributed_checkpoint``     whether FSDP2 writes a sharded directory (bypassing IO)
+=======================================================  ===========================================================
 """
 
 from __future__ import annotations
@@ -11,110 +35,37 @@ import os
 import random
 import shutil
 import sys
-import zipfile
 from typing import Any, Callable, Optional
 from weakref import proxy
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    IterableDataset,
-    RandomSampler,
-    SequentialSampler,
-    get_worker_info,
-)
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-__all__ = ["ResumableCheckpoint"]
+try:  # inside a package (ours, or yours)
+    from .checkpoint_io import NEEDS_PICKLE, SafeCheckpointIO, checkpoint_problem, fsync_path, temporary_path
+    from .resumable_loader import ResumableDataLoader
+except ImportError:  # the three files copied as top-level modules
+    from checkpoint_io import NEEDS_PICKLE, SafeCheckpointIO, checkpoint_problem, fsync_path, temporary_path
+    from resumable_loader import ResumableDataLoader
 
-_MASK64 = (1 << 64) - 1
-_SHARDED_MARKER = ".metadata"  # torch.distributed.checkpoint writes it last, once every shard is on disk
-_SHARDED_META = "meta.pt"  # Lightning's ModelParallelStrategy: everything but the sharded tensors
-_NEEDS_PICKLE = "it holds objects that only load with weights_only=False"  # intact, but not weights-only
+__all__ = ["ResumableCheckpoint"]
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Files: validation, atomic commit, hard-linked last.ckpt
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _checkpoint_problem(path: str) -> Optional[str]:
-    """What is wrong with the checkpoint at ``path`` (a file, or a sharded checkpoint directory), or ``None``.
-
-    A file must be a complete zip archive (``torch.save``'s format) whose every member passes its CRC-32 check, and
-    must unpickle with ``weights_only=True`` (memory-mapped, so the tensors are not read) into a Lightning training
-    checkpoint. An intact checkpoint that needs ``weights_only=False`` gets a message starting with ``_NEEDS_PICKLE``.
-    """
-    if os.path.isdir(path):
-        missing = [name for name in (_SHARDED_MARKER, _SHARDED_META) if not os.path.isfile(os.path.join(path, name))]
-        if missing:
-            return f"incomplete sharded checkpoint directory: {' and '.join(missing)} missing"
-        return _content_problem(os.path.join(path, _SHARDED_META), sharded=True)
-    if not os.path.isfile(path):
-        return "no such file"
-    size = os.path.getsize(path)
-    if size == 0:
-        return "empty file (0 bytes)"
-    if not zipfile.is_zipfile(path):
-        return f"truncated or not written by torch.save: no zip directory at the end of its {size} bytes"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"corrupted zip archive ({err})"
-    if bad is not None:
-        return f"corrupted: member {bad!r} fails its CRC-32 check"
-    return _content_problem(path, sharded=False)
-
-
-def _content_problem(path: str, *, sharded: bool) -> Optional[str]:
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # noqa: BLE001 - any failure to unpickle is the answer
-        if "weights_only" in str(err) or "Weights only load failed" in str(err):
-            first_line = str(err).strip().splitlines()[0]
-            return f"{_NEEDS_PICKLE} ({first_line}); if you trust the file, pass trainer.fit(..., weights_only=False)"
-        return f"cannot be unpickled ({type(err).__name__}: {err})"
-    wanted = ("loops", "global_step") if sharded else ("state_dict", "loops", "global_step")
-    missing = [key for key in wanted if not isinstance(content, dict) or key not in content]
-    if missing:
-        return f"not a Lightning training checkpoint: no {', '.join(map(repr, missing))}"
-    return None
-
-
-def _fsync_path(path: str) -> None:
-    if os.path.isdir(path):
-        for root, _, files in os.walk(path):
-            for name in files:
-                _fsync_path(os.path.join(root, name))
-        flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    else:
-        flags = os.O_RDONLY
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return  # directories cannot be opened on some platforms; the rename is atomic regardless
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------------------------------------------- files
 
 
 def _remove_path(path: str) -> None:
@@ -125,8 +76,8 @@ def _remove_path(path: str) -> None:
 
 
 def _commit(tmp: str, final: str) -> None:
-    """Moves the finished ``tmp`` (same directory) to ``final``: a rename, so readers see the old or the new one."""
-    _fsync_path(tmp)
+    """Moves the finished ``tmp`` (same directory) to ``final``: readers see the old or the new one."""
+    fsync_path(tmp)
     if os.path.isdir(tmp) or os.path.isdir(final):
         # A directory cannot replace a non-empty one in one rename. For the instant between the two renames the
         # old checkpoint lives on as `.<name>.trash` and `final` is missing (never half-written).
@@ -138,7 +89,7 @@ def _commit(tmp: str, final: str) -> None:
         _remove_path(trash)
     else:
         os.replace(tmp, final)
-    _fsync_path(os.path.dirname(final) or ".")
+    fsync_path(os.path.dirname(final) or ".")
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -148,9 +99,21 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Random state and data position
-# ----------------------------------------------------------------------------------------------------------------
+def _publish(source: str, last: str, drop: list[str]) -> None:
+    """Makes ``last`` the same file as the committed ``source``, then deletes the rotated-out files."""
+    if not (os.path.exists(last) and os.path.samefile(source, last)):
+        tmp = temporary_path(last)
+        _remove_path(tmp)
+        if os.path.isdir(source):
+            shutil.copytree(source, tmp, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(source, tmp)
+        _commit(tmp, last)
+    for path in drop:
+        _remove_path(path)
+
+
+# ---------------------------------------------------------------------------------------------------- RNG states
 
 
 def _rng_state() -> dict[str, Any]:
@@ -179,120 +142,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sample_seed(seed: int, epoch: int, position: int) -> int:
-    """SplitMix64 of (seed, epoch, position in the epoch's global order): one independent stream per sample."""
-    x = (seed * 0x9E3779B97F4A7C15 + (epoch + 1) * 0xBF58476D1CE4E5B9 + (position + 1) * 0x94D049BB133111EB) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
-
-
-def _seed_all(seed: int) -> None:
-    torch.random.default_generator.manual_seed(seed)  # CPU only: never reseeds (or initialises) CUDA
-    random.seed(seed)
-    numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed(seed & 0xFFFFFFFF)
-
-
-class _DataState:
-    """Shared by the callback and its sampler: the base seed, and where to resume (epoch, batches done)."""
-
-    def __init__(self) -> None:
-        self.seed = 0
-        self.pending: Optional[tuple[int, int]] = None
-        self.in_flight = 0  # sampler iterations started and not finished: they will not see a new `pending`
-
-
-class _SeededDataset(Dataset):
-    """Calls the wrapped dataset with the global RNGs seeded per sample, so its random transforms depend on the
-    sample's place in the epoch only, not on which worker process loads it or on what that worker loaded before."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        # Dunder lookups (pickle, the fetcher's `__getitems__`) must not reach the wrapped dataset.
-        if name.startswith("__") or name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        return self.__getitems__([key])[0]
-
-    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
-        # The DataLoader's fetcher calls this once per batch. Saving and restoring the main process's RNGs once per
-        # batch instead of once per sample: NumPy's get_state + set_state alone take ~50-90 us, which per sample
-        # cost several % of a small model's training step (benchmarks/overhead.py); seeding is ~5 us.
-        if get_worker_info() is not None:  # a worker process owns its RNGs
-            return [self._seeded(index, seed) for index, seed in keys]
-        numpy = sys.modules.get("numpy")
-        saved = (torch.random.default_generator.get_state(), random.getstate(), numpy and numpy.random.get_state())
-        try:
-            return [self._seeded(index, seed) for index, seed in keys]
-        finally:  # the main process's RNGs belong to the model (dropout, ...): leave them as they were
-            torch.random.default_generator.set_state(saved[0])
-            random.setstate(saved[1])
-            if numpy is not None:
-                numpy.random.set_state(saved[2])
-
-    def _seeded(self, index: int, seed: int) -> Any:
-        _seed_all(seed)
-        return self.dataset[index]
-
-
-class _ResumableSampler(DistributedSampler):
-    """``DistributedSampler``'s order (seeded by the base seed + epoch), yielding ``(index, sample seed)`` and
-    starting, once after a resume, at the first batch the checkpoint had not trained on."""
-
-    def __init__(self, dataset: Dataset, state: _DataState, *, batch_size: int, shuffle: bool, drop_last: bool,
-                 num_replicas: int, rank: int) -> None:  # fmt: skip
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=state.seed,
-                         drop_last=drop_last)  # fmt: skip
-        self.state = state
-        self.batch_size = batch_size
-
-    def __iter__(self):  # type: ignore[override]
-        epoch, skip = self.epoch, 0
-        if self.state.pending is not None:
-            (epoch, skip), self.state.pending = self.state.pending, None
-            self.epoch = epoch
-        self.seed = self.state.seed
-        indices = list(super().__iter__())
-        self.state.in_flight += 1
-        try:
-            for position in range(skip * self.batch_size, len(indices)):
-                yield indices[position], _sample_seed(self.seed, epoch, position * self.num_replicas + self.rank)
-        finally:  # exhausted, or closed when the DataLoader iterator is dropped
-            self.state.in_flight -= 1
-
-
-class _ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` whose position ``ResumableCheckpoint`` saves and restores (from the loop's progress, which,
-    unlike the iterator, does not count the batch Lightning prefetched). The methods tell Lightning it resumes."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": "saved by ResumableCheckpoint"}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass
-
-
-def _position(trainer: pl.Trainer) -> tuple[int, int]:
-    """(epoch, batches of it done) that a resume from a checkpoint written now continues from."""
-    # Lightning 2.6 loop progress; a batch counts as done once processed (Lightning redoes one that is not).
-    batches = trainer.fit_loop.epoch_loop.batch_progress.current
-    done = batches.ready if batches.processed == batches.ready else batches.completed
-    started = trainer.fit_loop.epoch_progress.current.ready  # epochs started, the current one included
-    total = trainer.num_training_batches
-    if total != float("inf") and done >= total:
-        return started, 0
-    return max(started - 1, 0), done
-
-
 def _gather(obj: Any, trainer: pl.Trainer) -> list[Any]:
     if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
         out: list[Any] = [None] * dist.get_world_size()
@@ -301,9 +150,26 @@ def _gather(obj: Any, trainer: pl.Trainer) -> list[Any]:
     return [obj]
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The callback
-# ----------------------------------------------------------------------------------------------------------------
+def _batches_done(trainer: pl.Trainer) -> int:
+    """Batches of the current epoch that a resume does not redo (Lightning redoes one whose step did not finish)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return progress.ready if progress.processed == progress.ready else progress.completed
+
+
+def _flatten(iterables: Any) -> list[Any]:
+    """The loaders of ``trainer.train_dataloader`` in Lightning's order (a loader, or a list / tuple / dict of them)."""
+    if isinstance(iterables, dict):
+        return [loader for value in iterables.values() for loader in _flatten(value)]
+    if isinstance(iterables, (list, tuple)):
+        return [loader for value in iterables for loader in _flatten(value)]
+    return [iterables]
+
+
+def _stateful(loader: Any) -> bool:
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+# ---------------------------------------------------------------------------------------------------- callback
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -312,31 +178,29 @@ class ResumableCheckpoint(ModelCheckpoint):
     **Files** in ``dirpath`` (default ``<Trainer.default_root_dir>/checkpoints``, the same for every run so that
     ``ckpt_path="last"`` finds it): ``epoch=E-step=S.ckpt`` (``filename``, a ``ModelCheckpoint`` template) for the last
     ``keep_last`` saves and for the ``top_k`` best by ``monitor``, and ``last.ckpt``, the newest of them (a hard link:
-    no extra bytes). Every file is written to a hidden temporary in the same directory, flushed to disk and renamed:
-    a crash or ``kill -9`` during a save leaves the previous files intact (the temporary is removed at the next
-    start). Under DDP rank zero writes; under FSDP2 (``ModelParallelStrategy``) every rank writes its shards into a
-    temporary directory that is renamed once all are done.
+    no extra bytes). Files go through ``SafeCheckpointIO`` (installed unless the Trainer has a custom
+    ``CheckpointIO``): temporary file, fsync, rename, so a crash or ``kill -9`` during a save leaves the previous files
+    intact (leftover temporaries are removed at the next start). With ``asynchronous=True`` a background thread writes
+    while training goes on (one save in flight; the final and the ``SIGTERM`` saves finish before ``fit`` returns).
+    Under DDP rank zero writes; under FSDP2 (``ModelParallelStrategy``) every rank writes its shards into a temporary
+    directory that is renamed once all are done (synchronously: Lightning writes sharded checkpoints itself).
 
-    **Exact resume.** Besides what Lightning saves (weights, optimizer, LR schedulers, loops, callbacks' state, AMP
-    scaler), the checkpoint holds every rank's Python, NumPy and torch (CPU and CUDA) RNG states, restored right
-    before training continues, and the position in the epoch. With ``resumable_data`` the train ``DataLoader`` is
-    rebuilt around a sampler in ``DistributedSampler`` order (seeded by the run's seed + epoch) that skips the
-    batches already trained on, and around a dataset wrapper that seeds the RNGs for each sample from (seed, epoch,
-    position): random augmentations are then the same whether a sample is loaded by the main process or any
-    worker, before or after a resume. The order and augmentations differ from those of a plain ``DataLoader``
-    (which draws from the global RNG), equally random. A loader that has ``state_dict``/``load_state_dict`` (e.g.
-    torchdata's ``StatefulDataLoader``) is left to Lightning; other loaders that cannot be rebuilt (custom batch
-    samplers, iterable datasets, ``DataLoader`` subclasses) are left alone with a warning. In a single process a
-    checkpoint written inside an accumulation window (``SIGTERM``) also holds the window's gradients.
+    **Exact resume.** Besides what Lightning saves, the checkpoint holds every rank's Python, NumPy and torch (CPU and
+    CUDA) RNG states, restored right before training continues, and the train loader's position: a
+    ``ResumableDataLoader`` (the recipes' data modules return one) saves it itself; with ``resumable_data`` a plain
+    ``DataLoader`` is rebuilt as one (custom samplers, iterable datasets and ``DataLoader`` subclasses are left alone
+    with a warning; a loader with ``state_dict``/``load_state_dict``, e.g. torchdata's ``StatefulDataLoader``, is
+    Lightning's to restore). In a single process a checkpoint written inside an accumulation window (``SIGTERM``) also
+    holds the window's gradients.
 
     **Pre-emption.** On ``SIGTERM`` Lightning stops after the current batch; this callback then saves and the process
     exits with status 0. Any other exception saves too (in a single process: under DDP the other ranks may be
     elsewhere, so the newest periodic checkpoint stands).
 
-    **Loading.** A checkpoint that is truncated or corrupted makes ``fit`` fail with an error naming the file and the
-    problem, before Lightning reads it; loading uses ``weights_only=True`` unless you pass ``weights_only=False``.
-    With ``ckpt_path="last"`` the newest loadable checkpoint of ``dirpath`` is used, with a warning naming the
-    skipped ones; with none there yet, training starts from scratch (so the same command serves the first run).
+    **Loading.** A truncated or corrupted checkpoint fails with an error naming the file and the problem; loading uses
+    ``weights_only=True`` unless you pass ``weights_only=False``. With ``ckpt_path="last"`` the newest loadable
+    checkpoint of ``dirpath`` is used, with a warning naming the skipped ones; with none there yet, training starts
+    from scratch (so the same command serves the first run).
 
     Args:
         dirpath: Directory of the checkpoints; local or network-mounted (atomic renames).
@@ -348,7 +212,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         mode: ``"min"`` or ``"max"``: which values of ``monitor`` are best.
         top_k: How many best checkpoints to keep; needs ``monitor``.
         save_on_exception: Save when training stops with ``SIGTERM`` or an exception.
-        resumable_data: Rebuild the train ``DataLoader`` to resume mid-epoch exactly (see above).
+        resumable_data: Rebuild a plain train ``DataLoader`` as a ``ResumableDataLoader`` (see above).
+        asynchronous: Write files in a background thread (see ``SafeCheckpointIO``).
         verbose: Log every save.
     """
 
@@ -367,6 +232,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         top_k: int = 1,
         save_on_exception: bool = True,
         resumable_data: bool = True,
+        asynchronous: bool = False,
         verbose: bool = False,
     ) -> None:
         if dirpath is not None:
@@ -402,6 +268,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             ("save_on_epoch_end", save_on_epoch_end),
             ("save_on_exception", save_on_exception),
             ("resumable_data", resumable_data),
+            ("asynchronous", asynchronous),
             ("verbose", verbose),
         ):
             if not isinstance(value, bool):
@@ -427,10 +294,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.top_k = top_k
         self.save_on_exception = save_on_exception
         self.resumable_data = resumable_data
+        self.asynchronous = asynchronous
         self._given_dirpath = self.dirpath
         self._recent: list[str] = []
-        self._data = _DataState()
-        self._converted = False
         self._trainer: Optional[pl.Trainer] = None
         self._training = False  # between on_train_start and teardown: only then is there progress to save
         self._undo: list[Callable[[], None]] = []
@@ -438,12 +304,14 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._step_at_batch_start = -1
         self._pending_rng: Optional[list[Any]] = None
         self._pending_grads: Optional[list[Any]] = None
+        self._pending_loaders: Optional[list[Any]] = None
         self._checked: dict[tuple[str, float, int], Optional[str]] = {}
+        self.io: Optional[SafeCheckpointIO] = None
 
     @property
     @override
     def state_key(self) -> str:
-        # Stable across changes of the save frequency, so that a resume always finds its RNG and data state.
+        # Stable across changes of the save frequency, so that a resume always finds its RNG state.
         return self._generate_state_key(monitor=self.monitor, mode=self.mode)
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -455,7 +323,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     @staticmethod
     def _dirpath_of(callback: ModelCheckpoint, trainer: pl.Trainer) -> str:
-        """Where another ModelCheckpoint writes (its own rule, as Lightning 2.6 resolves it in its setup)."""
+        """Where another ModelCheckpoint writes (its own rule, as Lightning resolves it in its setup)."""
         if callback.dirpath is not None:
             return os.path.realpath(str(callback.dirpath))
         if trainer.loggers:
@@ -467,9 +335,12 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A checkpoint restored by validate/test (Lightning >= 2.5 restores callbacks there too) must not leave
+        # RNG states, gradients or a data position behind for a later fit without a checkpoint.
+        self._pending_rng = self._pending_grads = self._pending_loaders = None
         self.dirpath = trainer.strategy.broadcast(self._resolve_dirpath(trainer))
-        self._fs = get_filesystem(self.dirpath)
         self.last_model_path = self._last_path()
+        self._install_io(trainer)
         if stage != "fit":
             return
         for callback in trainer.checkpoint_callbacks:
@@ -488,39 +359,44 @@ class ResumableCheckpoint(ModelCheckpoint):
                 if name.startswith(".") and (name.endswith(".tmp") or name.endswith(".trash")):
                     _remove_path(os.path.join(self.dirpath, name))
         trainer.strategy.barrier("ResumableCheckpoint.setup")
-        seed = int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())) % (1 << 62)
-        self._data.seed = int(trainer.strategy.broadcast(seed))
-        self._patch_loading(trainer)
         if self.resumable_data:
-            self._patch_train_dataloader(trainer)
+            self._make_train_loader_resumable(trainer)
+
+    def _install_io(self, trainer: pl.Trainer) -> None:
+        strategy = trainer.strategy
+        current = strategy.checkpoint_io
+        if isinstance(current, SafeCheckpointIO):
+            self.io = current
+            return
+        if type(current) is not TorchCheckpointIO:
+            self.io = None
+            rank_zero_warn(
+                f"ResumableCheckpoint: the Trainer's CheckpointIO is a {type(current).__name__}; it is used as it is, so"
+                " files are neither committed atomically nor checked before loading. Use SafeCheckpointIO for both"
+            )
+            return
+        self.io = SafeCheckpointIO(asynchronous=self.asynchronous)
+        strategy.checkpoint_io = self.io
+
+        def undo() -> None:
+            strategy.checkpoint_io = current
+
+        self._undo.append(undo)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        while self._undo:
-            self._undo.pop()()
-        self._trainer = None
-        self._training = False
+        try:
+            if self.io is not None:
+                self.io.wait()  # the last save is on disk before fit returns
+        finally:
+            while self._undo:
+                self._undo.pop()()
+            self._trainer = None
+            self._training = False
 
-    def _patch_loading(self, trainer: pl.Trainer) -> None:
-        """Checks a checkpoint before Lightning loads it, and loads with ``weights_only=True`` by default."""
-        strategy = trainer.strategy
-        original = strategy.load_checkpoint
-
-        @functools.wraps(original)
-        def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
-            path = str(checkpoint_path)
-            if "://" not in path:
-                problem = self._problem(path)
-                if problem is not None and not (weights_only is False and problem.startswith(_NEEDS_PICKLE)):
-                    raise RuntimeError(f"Cannot resume from checkpoint {path}: {problem}")
-            return original(checkpoint_path, weights_only=True if weights_only is None else weights_only, **kwargs)
-
-        strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]
-        self._undo.append(lambda: delattr(strategy, "load_checkpoint"))
-
-    def _patch_train_dataloader(self, trainer: pl.Trainer) -> None:
-        # Lightning 2.6: the fit loop's `_data_source` says where the train dataloader comes from (a module's hook
-        # or the loader given to `fit`); the loader is requested after restore, so it can start where it stopped.
+    def _make_train_loader_resumable(self, trainer: pl.Trainer) -> None:
+        # Lightning 2.5-2.6: the fit loop's `_data_source` says where the train loader comes from (a hook of the
+        # module / data module, or the loader given to `fit`); it is requested after the restore.
         source = trainer.fit_loop._data_source
         if source.is_module():
             instance, name = source.instance, source.name
@@ -538,67 +414,26 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._undo.append(lambda: setattr(source, "instance", given))
 
     def _resumable(self, loader: Any, trainer: pl.Trainer) -> Any:
-        if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
-            return loader  # resumable already (e.g. torchdata's StatefulDataLoader): Lightning restores it
-        reason, sampler = None, getattr(loader, "sampler", None)
+        if _stateful(loader) or not isinstance(loader, DataLoader):
+            return loader  # resumable already (ours, torchdata's StatefulDataLoader), or not ours to rebuild
         if trainer.overfit_batches > 0:
-            # Lightning re-creates the loader with a SequentialSampler for overfit_batches, replacing ours.
+            # Lightning re-creates the loader with a SequentialSampler for overfit_batches, replacing any sampler.
             reason = f"Trainer(overfit_batches={trainer.overfit_batches}) replaces its sampler"
-        elif type(loader) is not DataLoader:
-            reason = f"it is a {type(loader).__name__}, not a torch DataLoader"
-        elif isinstance(loader.dataset, IterableDataset):
-            reason = "its dataset is an IterableDataset"
-        elif loader.batch_size is None or type(loader.batch_sampler) is not BatchSampler:
-            reason = f"it has a custom batch_sampler ({type(loader.batch_sampler).__name__})"
-        elif type(sampler) is RandomSampler and (
-            sampler.replacement or sampler.num_samples != len(sampler.data_source)  # type: ignore[arg-type]
-        ):
-            reason = "its RandomSampler draws with replacement or a custom number of samples"
-        elif type(sampler) not in (RandomSampler, SequentialSampler, DistributedSampler):
-            reason = f"its sampler is a {type(sampler).__name__}"
-        if reason is not None:
-            rank_zero_warn(
-                f"ResumableCheckpoint: the train dataloader cannot be made resumable mid-epoch ({reason}). A resume"
-                " from a mid-epoch checkpoint will not continue the same data order: give the loader state_dict()/"
-                "load_state_dict() (e.g. torchdata's StatefulDataLoader) or save at epoch ends only"
-            )
-            return loader
-        if isinstance(sampler, DistributedSampler):
-            shuffle, drop_last = sampler.shuffle, sampler.drop_last
-            replicas, rank = sampler.num_replicas, sampler.rank
         else:
-            # Lightning 2.6 injects DistributedSampler(shuffle=True, **distributed_sampler_kwargs) into a training
-            # loader when `use_distributed_sampler` and there is more than one replica: do the same.
-            injects = trainer._accelerator_connector.use_distributed_sampler
-            kwargs = trainer.distributed_sampler_kwargs if injects else None
+            # Lightning injects DistributedSampler(shuffle=True, **distributed_sampler_kwargs) into a training loader
+            # when `use_distributed_sampler` and there is more than one replica: the rebuilt loader does the same.
+            kwargs = trainer.distributed_sampler_kwargs if trainer._accelerator_connector.use_distributed_sampler else None
             replicas, rank = int((kwargs or {}).get("num_replicas", 1)), int((kwargs or {}).get("rank", 0))
-            shuffle, drop_last = isinstance(sampler, RandomSampler) or replicas > 1, False
-        dataset = _SeededDataset(loader.dataset)
-        resumable_sampler = _ResumableSampler(
-            dataset, self._data, batch_size=loader.batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_replicas=replicas, rank=rank,
-        )  # fmt: skip
-        options: dict[str, Any] = dict(
-            batch_size=loader.batch_size,
-            sampler=resumable_sampler,
-            drop_last=loader.drop_last,
-            num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn,
-            pin_memory=loader.pin_memory,
-            timeout=loader.timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
-            # Its own generator: iterating never draws from the global RNG (which belongs to the model).
-            generator=torch.Generator().manual_seed(self._data.seed),
-            persistent_workers=loader.persistent_workers,
-            pin_memory_device=loader.pin_memory_device,
+            try:
+                return ResumableDataLoader.from_loader(loader, num_replicas=replicas, rank=rank)
+            except TypeError as err:
+                reason = str(err).split(": ", 1)[-1]
+        rank_zero_warn(
+            f"ResumableCheckpoint: the train dataloader cannot be made resumable mid-epoch ({reason}). A resume"
+            " from a mid-epoch checkpoint will not continue the same data order: give the loader state_dict()/"
+            "load_state_dict() (e.g. ResumableDataLoader or torchdata's StatefulDataLoader) or save at epoch ends only"
         )
-        if loader.num_workers > 0:
-            options["prefetch_factor"] = loader.prefetch_factor
-        if hasattr(loader, "in_order"):
-            options["in_order"] = loader.in_order
-        self._converted = True
-        return _ResumableDataLoader(dataset, **options)
+        return loader
 
     # ------------------------------------------------------------------------------------------------ "last"
 
@@ -613,7 +448,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         except OSError:
             return "no such file"
         if key not in self._checked:
-            self._checked[key] = _checkpoint_problem(path)
+            self._checked[key] = checkpoint_problem(path)
         return self._checked[key]
 
     @override
@@ -633,7 +468,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         skipped = []
         for path in candidates:
             problem = self._problem(path)
-            if problem is None or problem.startswith(_NEEDS_PICKLE):  # intact: loading says what to pass
+            if problem is None or problem.startswith(NEEDS_PICKLE):  # intact: loading says what to pass
                 if skipped:
                     rank_zero_warn(
                         "ResumableCheckpoint: skipped unloadable checkpoint(s) "
@@ -649,7 +484,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             )
         return set()
 
-    # ------------------------------------------------------------------------------------------------ saving
+    # ------------------------------------------------------------------------------------------------ when to save
 
     def _skip(self, trainer: pl.Trainer) -> bool:
         return bool(trainer.fast_dev_run) or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
@@ -677,10 +512,48 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is None or self.save_top_k == 0 or self._skip(trainer):
             return
-        before = self._last_write
-        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
-        if self._last_write is not before and self._last_write is not None:
-            self._publish_last(trainer, self._last_write[0])
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            rank_zero_warn(
+                f"ResumableCheckpoint(monitor={self.monitor!r}): no such logged metric at validation end (logged:"
+                f" {sorted(trainer.callback_metrics)}); no best checkpoint kept this time"
+            )
+            return
+        score = torch.as_tensor(value, dtype=torch.float64).detach().cpu()
+        if torch.isnan(score):
+            return
+        if len(self.best_k_models) >= self.save_top_k and not self._better(score, self._worst()[1]):
+            return
+        path = self.format_checkpoint_name(self._candidates(trainer))
+        self.best_k_models[path] = score
+        dropped = []
+        while len(self.best_k_models) > self.save_top_k:
+            worst = self._worst()[0]
+            del self.best_k_models[worst]
+            if worst not in self._recent and worst != path:
+                dropped.append(worst)
+        self.kth_best_model_path, self.kth_value = self._worst()
+        self.best_model_path = min(self.best_k_models, key=lambda p: self._rank(self.best_k_models[p]))
+        self.best_model_score = self.best_k_models[self.best_model_path]
+        self.current_score = score
+        self._save(trainer, path, dropped)
+
+    def _rank(self, score: torch.Tensor) -> float:
+        return float(score) if self.mode == "min" else -float(score)
+
+    def _better(self, score: torch.Tensor, than: torch.Tensor) -> bool:
+        return self._rank(score) < self._rank(than)
+
+    def _worst(self) -> tuple[str, torch.Tensor]:
+        path = max(self.best_k_models, key=lambda p: self._rank(self.best_k_models[p]))
+        return path, self.best_k_models[path]
+
+    @staticmethod
+    def _candidates(trainer: pl.Trainer) -> dict[str, Any]:
+        metrics = dict(trainer.callback_metrics)
+        metrics.setdefault("epoch", torch.tensor(trainer.current_epoch))
+        metrics.setdefault("step", torch.tensor(trainer.global_step))
+        return metrics
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -704,71 +577,75 @@ class ResumableCheckpoint(ModelCheckpoint):
                 f" {trainer.global_step}; resume with ckpt_path='last'"
             )
         finally:
-            # Lightning calls no `teardown` hook after an exception: undo the patches here.
+            # Lightning calls no `teardown` hook after an exception: finish the write and undo the set-up here.
             self.teardown(trainer, pl_module, "fit")
 
+    # ------------------------------------------------------------------------------------------------ saving
+
     def _written(self, trainer: pl.Trainer) -> bool:
-        return self._last_write is not None and self._last_write[1] == (trainer.global_step, _position(trainer))
+        return self._last_write is not None and self._last_write[1] == (trainer.global_step, _batches_done(trainer))
 
     def _save_recent(self, trainer: pl.Trainer) -> None:
-        path = self.format_checkpoint_name(self._monitor_candidates(trainer))
+        path = self.format_checkpoint_name(self._candidates(trainer))
         recent = [p for p in self._recent if p != path] + [path]
-        dropped, self._recent = recent[: -self.keep_last], recent[-self.keep_last :]
-        self._save_checkpoint(trainer, path)
-        self._publish_last(trainer, path)
-        for old in dropped:
-            if old not in self.best_k_models:
-                self._delete(trainer, old)
+        rotated, self._recent = recent[: -self.keep_last], recent[-self.keep_last :]
+        self._save(trainer, path, [old for old in rotated if old not in self.best_k_models])
 
-    @override
-    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        key = (trainer.global_step, _position(trainer))
-        if self._last_write == (filepath, key) and os.path.exists(filepath):
-            return  # this very state is on disk under this name already (e.g. best and epoch end)
-        tmp = os.path.join(os.path.dirname(filepath), f".{os.path.basename(filepath)}.tmp")
-        if trainer.is_global_zero:
-            os.makedirs(os.path.dirname(filepath), exist_ok=True)
-            _remove_path(tmp)
-        trainer.strategy.barrier("ResumableCheckpoint.before_save")
-        trainer.save_checkpoint(tmp, weights_only=False)  # every rank: sharded strategies write their own part
-        if trainer.is_global_zero:
-            _commit(tmp, filepath)
-        trainer.strategy.barrier("ResumableCheckpoint.after_save")
-        self._last_write = (filepath, key)
+    def _save(self, trainer: pl.Trainer, path: str, drop: list[str]) -> None:
+        """Writes the checkpoint to ``path``; once it is committed, ``last.ckpt`` becomes it and ``drop`` goes."""
+        key = (trainer.global_step, _batches_done(trainer))
+        last = self._last_path()
+        drop = [p for p in drop if self._inside(p) and os.path.abspath(p) != os.path.abspath(last)]
+        if self._last_write is not None and self._last_write == (path, key):
+            # This very state is on disk under this name already (e.g. best and epoch end): only rotate.
+            if trainer.is_global_zero:
+                if self.io is not None:
+                    self.io.wait()
+                _publish(path, last, drop)
+            return
+        strategy = trainer.strategy
+        # Lightning 2.5-2.6: ModelParallelStrategy writes a sharded directory itself, bypassing CheckpointIO.
+        sharded = isinstance(strategy, ModelParallelStrategy) and getattr(strategy, "_save_distributed_checkpoint", True)
+        if sharded or self.io is None:
+            tmp = temporary_path(path)
+            if trainer.is_global_zero:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _remove_path(tmp)
+            strategy.barrier("ResumableCheckpoint.before_save")
+            trainer.save_checkpoint(tmp, weights_only=False)  # every rank: sharded strategies write their own part
+            if trainer.is_global_zero:
+                _commit(tmp, path)
+                _publish(path, last, drop)
+            strategy.barrier("ResumableCheckpoint.after_save")
+        else:
+            trainer.save_checkpoint(
+                path, weights_only=False, storage_options={"after_commit": lambda p: _publish(p, last, drop)}
+            )
+        self._last_write = (path, key)
         self._last_global_step_saved = trainer.global_step
-        self._last_checkpoint_saved = filepath
+        self.last_model_path = last
         if self.verbose:
-            rank_zero_info(f"ResumableCheckpoint: saved {filepath}")
+            rank_zero_info(f"ResumableCheckpoint: saved {path}")
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.after_save_checkpoint(proxy(self))
 
-    def _publish_last(self, trainer: pl.Trainer, source: str) -> None:
-        last = self._last_path()
-        self.last_model_path = last
-        linked = os.path.exists(last) and os.path.exists(source) and os.path.samefile(source, last)
-        if trainer.is_global_zero and not linked:
-            tmp = os.path.join(os.path.dirname(last), f".{os.path.basename(last)}.tmp")
-            _remove_path(tmp)
-            if os.path.isdir(source):
-                shutil.copytree(source, tmp, copy_function=_link_or_copy)
-            else:
-                _link_or_copy(source, tmp)
-            _commit(tmp, last)
-        trainer.strategy.barrier("ResumableCheckpoint.last")
-
-    @override
-    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        # Called by ModelCheckpoint's top-k bookkeeping: a file that is also one of the newest stays.
-        if filepath not in self._recent:
-            self._delete(trainer, filepath)
-
-    def _delete(self, trainer: pl.Trainer, filepath: str) -> None:
-        inside = os.path.realpath(os.path.dirname(filepath)) == os.path.realpath(str(self.dirpath))
-        if trainer.is_global_zero and inside and os.path.abspath(filepath) != os.path.abspath(self._last_path()):
-            _remove_path(filepath)
+    def _inside(self, path: str) -> bool:
+        return os.path.realpath(os.path.dirname(path)) == os.path.realpath(str(self.dirpath))
 
     # ------------------------------------------------------------------------------------------------ state
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # A ResumableDataLoader counts the batches it handed out. If a save interrupts a batch (an exception inside
+        # the step), Lightning redoes that batch after the resume: the loader must hand it out again.
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if progress.processed == progress.ready:
+            return
+        states = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+        for state in states:
+            if isinstance(state, dict) and set(state) == {"seed", "epoch", "batches"} and state["batches"] > 0:
+                state["batches"] = min(state["batches"], _batches_done(trainer))
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -777,10 +654,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         trainer = self._trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return state
-        epoch, done = _position(trainer)
-        state["data"] = {"seed": self._data.seed, "epoch": epoch, "batches": done}
         state["rng"] = _gather(_rng_state(), trainer)
-        k = trainer.accumulate_grad_batches
+        done, k = _batches_done(trainer), trainer.accumulate_grad_batches
         if done % k and done < trainer.num_training_batches:  # inside an accumulation window
             if trainer.world_size == 1:
                 state["grads"] = [
@@ -799,24 +674,28 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
         if state_dict.get("dirpath") == self.dirpath:
             self._recent = list(state_dict.get("recent", []))
-        data = state_dict.get("data")
-        if data is not None:
-            self._data.seed = int(data["seed"])
-            self._data.pending = (int(data["epoch"]), int(data["batches"]))
         self._pending_rng = state_dict.get("rng")
         self._pending_grads = state_dict.get("grads")
 
     @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+            self._pending_loaders = fit_loop.get("state_dict", {}).get("combined_loader") or None
+
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
         self._training = True
-        if self._converted and self._data.pending is not None and self._data.in_flight:
-            # The train iterator started before the checkpoint was restored (e.g. `estimated_stepping_batches` read
-            # in `LightningModule.setup`, or in `configure_optimizers` under a strategy that restores after setup,
-            # with worker processes, which take indices at once; Lightning issue #20550): start it again.
-            iter(trainer.fit_loop._data_fetcher)  # Lightning 2.6; the epoch loop then adds the batches done
-        if not self._converted:
-            self._data.pending = None
+        loaders, self._pending_loaders = self._pending_loaders, None
+        if loaders:
+            # Lightning loads loader states only when it builds the train loader after the restore; a loader built
+            # earlier (`estimated_stepping_batches` read in `setup` / `on_fit_start` / `configure_optimizers`,
+            # Lightning issue #20550) is never given its state. Nothing has been fetched yet: give it now.
+            stateful = [loader for loader in _flatten(trainer.train_dataloader) if _stateful(loader)]
+            if len(stateful) == len(loaders):
+                for loader, state in zip(stateful, loaders):
+                    if isinstance(loader, ResumableDataLoader):
+                        loader.load_state_dict(state)
         grads, self._pending_grads = self._pending_grads, None
         if grads is not None:
             params = list(pl_module.parameters())

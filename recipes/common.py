@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_recipes.callbacks.checkpoint_io import NEEDS_PICKLE, checkpoint_problem
 from lightning_recipes.datamodules.base import ImageClassificationDataModule, check_number
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -183,6 +184,17 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         for name in self.model_class.data_links:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning >= 2.5 reads the checkpoint's hyperparameters here, before any Trainer or callback exists, and
+        # a damaged file would fail inside torch without its name: check it first, with the callbacks' messages.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in ("last", "best", "hpc", "registry") and "://" not in str(path):
+            problem = checkpoint_problem(str(path))
+            if problem is not None and not problem.startswith(NEEDS_PICKLE):
+                raise SystemExit(f"error: --ckpt_path {path}: Cannot resume from checkpoint {path}: {problem}")
+        super()._parse_ckpt_path()
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # Private in Lightning 2.6 (the public instantiate_trainer only forwards here), but it is the one point

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import warnings
 import zipfile
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_recipes.callbacks import GradientAccumulation, ResumableCheckpoint
 from lightning_recipes.callbacks.checkpoint import _rng_state, _set_rng_state
+from lightning_recipes.callbacks.checkpoint_io import SafeCheckpointIO
 from lightning_recipes.recipes.vit import main as vit_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +175,8 @@ def test_files_kept_last_is_a_hard_link_and_everything_loads_weights_only(tmp_pa
         loaded = torch.load(folder / name, weights_only=True)
         state = loaded["callbacks"][checkpoint.state_key]
         assert sorted(state["rng"][0]) == ["numpy", "python", "torch"]
-        assert set(state["data"]) == {"seed", "epoch", "batches"}
+        (position,) = loaded["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        assert set(position) == {"seed", "epoch", "batches"}
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 21
 
 
@@ -246,7 +249,8 @@ def test_sigterm_inside_an_accumulation_window_saves_exits_cleanly_and_resumes_e
     assert stopped.value.code is None  # SystemExit(None): the process exits with status 0
     saved = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     state = saved["callbacks"]["ResumableCheckpoint{'monitor': None, 'mode': 'min'}"]
-    assert (saved["global_step"], state["data"]["epoch"], state["data"]["batches"]) == (5, 1, 3)
+    (position,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the ResumableDataLoader's own state
+    assert (saved["global_step"], position["epoch"], position["batches"]) == (5, 1, 3)
     assert len(state["grads"]) == 4  # the half window's gradients, one per parameter
     resumed, trainer = _fit(tmp_path / "run", callbacks(), ckpt_path="last")
     assert trainer.global_step == 12
@@ -325,19 +329,21 @@ def test_last_falls_back_to_the_newest_loadable_checkpoint_and_says_so(tmp_path)
         _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3)], ckpt_path="last")
 
 
-def test_a_crash_while_writing_leaves_last_intact(tmp_path):
+def test_a_crash_while_writing_leaves_last_intact(tmp_path, monkeypatch):
     class FailingWrite(L.Callback):
-        def setup(self, trainer, pl_module, stage):
-            io = trainer.strategy.checkpoint_io
-            original = io.save_checkpoint
+        """The disk fills up halfway through writing the step-6 file (inside SafeCheckpointIO's real write)."""
 
-            def save_checkpoint(checkpoint, path, storage_options=None):
+        def on_train_start(self, trainer, pl_module):
+            original = torch.save
+
+            def save(obj, f, *args, **kwargs):
                 if trainer.global_step == 6:
-                    Path(path).write_bytes(b"PK\x03\x04 half a checkpoint")
+                    f.write(b"PK\x03\x04 half a checkpoint")
+                    monkeypatch.undo()  # once
                     raise OSError("No space left on device")
-                return original(checkpoint, path, storage_options)
+                return original(obj, f, *args, **kwargs)
 
-            io.save_checkpoint = save_checkpoint
+            monkeypatch.setattr(torch, "save", save)
 
     with pytest.raises(OSError, match="No space left"):
         _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3, save_on_exception=False), FailingWrite()])
@@ -346,6 +352,124 @@ def test_a_crash_while_writing_leaves_last_intact(tmp_path):
     start = StartStep()
     _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3), start], ckpt_path="last", epochs=1)
     assert start.step == 3 and ".epoch=0-step=6.ckpt.tmp" not in _files(tmp_path)
+
+
+def test_asynchronous_saves_resume_bit_exact(tmp_path, uninterrupted):
+    checkpoint = ResumableCheckpoint(every_n_steps=3, asynchronous=True)
+    with pytest.raises(RuntimeError, match="node lost"):
+        _fit(tmp_path, [checkpoint, Interrupt(10, error=RuntimeError("node lost"))])
+    # Steps 3, 6, 7 (epoch end), 9 and the exception's save at 10, each written in the background; the exception's
+    # save is on disk before `fit` re-raises.
+    assert checkpoint.io.asynchronous and len(checkpoint.io.stall_seconds) == len(checkpoint.io.wait_seconds) == 5
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 10
+    start = StartStep()
+    resumed, trainer = _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3, asynchronous=True), start], ckpt_path="last")
+    assert (start.step, trainer.global_step) == (10, 21)
+    assert _equal(resumed, uninterrupted)
+    assert _files(tmp_path) == ["epoch=2-step=21.ckpt", "last.ckpt"]
+    assert os.path.samefile(tmp_path / "checkpoints/last.ckpt", tmp_path / "checkpoints/epoch=2-step=21.ckpt")
+
+
+class _GatedSave:
+    """torch.save that waits for `gate` first: the background write is provably still running."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.gate, self.original = threading.Event(), torch.save
+        monkeypatch.setattr(torch, "save", self)
+
+    def __call__(self, obj, f, *args, **kwargs):
+        assert self.gate.wait(30)
+        return self.original(obj, f, *args, **kwargs)
+
+
+def _state(weights: torch.Tensor, step: int = 1) -> dict:
+    return {"state_dict": {"w": weights}, "loops": {}, "global_step": step, "lists": [weights]}
+
+
+def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, monkeypatch):
+    save = _GatedSave(monkeypatch)
+    io = SafeCheckpointIO(asynchronous=True)
+    weights = torch.zeros(1000)
+    io.save_checkpoint(_state(weights), tmp_path / "a.ckpt")
+    weights += 1  # training goes on while the file is written
+    deadline = time.monotonic() + 10
+    while not (tmp_path / ".a.ckpt.tmp").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the writer thread opens its temporary file, then waits at the gate
+    assert (tmp_path / ".a.ckpt.tmp").exists() and not (tmp_path / "a.ckpt").exists()  # not committed yet
+    save.gate.set()
+    io.teardown()
+    saved = torch.load(tmp_path / "a.ckpt", weights_only=True)
+    assert torch.equal(saved["state_dict"]["w"], torch.zeros(1000)) and torch.equal(saved["lists"][0], torch.zeros(1000))
+    assert not (tmp_path / ".a.ckpt.tmp").exists()
+
+
+def test_a_second_save_waits_for_the_one_in_flight_and_the_wait_is_recorded(tmp_path, monkeypatch):
+    save = _GatedSave(monkeypatch)
+    io = SafeCheckpointIO(asynchronous=True)
+    committed = []
+    io.save_checkpoint(_state(torch.zeros(3)), tmp_path / "a.ckpt", storage_options={"after_commit": committed.append})
+    threading.Timer(0.3, save.gate.set).start()
+    io.save_checkpoint(_state(torch.ones(3), 2), tmp_path / "b.ckpt", storage_options={"after_commit": committed.append})
+    assert committed == [str(tmp_path / "a.ckpt")]  # the first was committed (and rotated) before the second began
+    assert io.wait_seconds[0] == 0.0 and io.wait_seconds[1] >= 0.2
+    io.teardown()
+    assert committed == [str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt")]
+    with pytest.raises(TypeError, match=r"storage_options=\{'bucket': 'x'\}\): the only option is"):
+        io.save_checkpoint(_state(torch.ones(3)), tmp_path / "c.ckpt", storage_options={"bucket": "x"})
+
+
+def test_an_error_in_the_background_write_reaches_the_training_loop(tmp_path):
+    io = SafeCheckpointIO(asynchronous=True)
+    (tmp_path / "a_file").write_text("")
+    io.save_checkpoint(_state(torch.zeros(3)), tmp_path / "a_file" / "x.ckpt")  # its folder is a file
+    with pytest.raises((FileExistsError, NotADirectoryError)):
+        io.wait()
+
+
+def test_validate_from_a_checkpoint_leaves_nothing_behind_for_a_later_fit(tmp_path):
+    # Lightning >= 2.5 restores callback state in validate/test too. A checkpoint written by SIGTERM inside an
+    # accumulation window holds RNG states, half a window's gradients and a data position: none may leak into a
+    # later fit without a checkpoint on the same Trainer.
+    def callbacks():
+        return [GradientAccumulation(global_batch_size=16), ResumableCheckpoint(every_n_steps=3)]
+
+    with pytest.raises(SIGTERMException):
+        _fit(tmp_path / "run", [*callbacks(), Interrupt(sigterm_at=(1, 2))])
+    saved = tmp_path / "run/checkpoints/last.ckpt"
+    assert "grads" in torch.load(saved, weights_only=True)["callbacks"][ResumableCheckpoint().state_key]
+    reference, _ = _fit(tmp_path / "reference", callbacks())
+    trainer = _trainer(tmp_path / "again", callbacks())
+    trainer.validate(Net(), ckpt_path=str(saved), verbose=False)
+    L.seed_everything(0, verbose=False)
+    model = Net()
+    trainer.fit(model)
+    assert trainer.global_step == 12
+    assert _equal(model, reference)
+
+
+def test_a_damaged_checkpoint_given_to_a_recipe_is_named_before_anything_loads(tmp_path):
+    _fit(tmp_path, [ResumableCheckpoint()], epochs=1)
+    good = (tmp_path / "checkpoints/last.ckpt").read_bytes()
+    cases = {
+        "empty.ckpt": (b"", r"empty file \(0 bytes\)"),
+        "half.ckpt": (good[: len(good) // 2], r"truncated or not written by torch\.save"),
+        "text.ckpt": (b"not a checkpoint at all", r"truncated or not written by torch\.save"),
+    }
+    for name, (data, problem) in cases.items():
+        (tmp_path / name).write_bytes(data)
+    flipped = tmp_path / "flipped.ckpt"
+    flipped.write_bytes(good)
+    member = _flip_a_byte_inside_the_largest_member(flipped)
+    cases["flipped.ckpt"] = (None, rf"corrupted: member '{re.escape(member)}' fails its CRC-32 check")
+    for name, (_, problem) in cases.items():
+        path = re.escape(str(tmp_path / name))
+        with pytest.raises(SystemExit, match=rf"^error: --ckpt_path {path}: Cannot resume from checkpoint {path}: {problem}"):
+            vit_main(["fit", "--ckpt_path", str(tmp_path / name), "--trainer.max_steps=1"])
+    # As a user types it: one line on stderr, status 1, no traceback.
+    done = subprocess.run([sys.executable, str(ROOT / "recipes/vit.py"), "fit", "--ckpt_path", str(tmp_path / "half.ckpt")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"Cannot resume from checkpoint {tmp_path / 'half.ckpt'}: truncated or not written by torch.save" in done.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,21 +500,20 @@ class StallWhileSaving(L.Callback):
     def __init__(self, step: int, marker: str) -> None:
         self.step, self.marker = step, marker
 
-    def setup(self, trainer, pl_module, stage):
-        plugin = trainer.strategy.checkpoint_io
-        original = plugin.save_checkpoint
+    def on_train_start(self, trainer, pl_module):
+        original = torch.save  # what SafeCheckpointIO writes its temporary file with
 
-        def save_checkpoint(checkpoint, path, storage_options=None):
+        def save(obj, f, *args, **kwargs):
             if trainer.global_step == self.step:
                 buffer = io.BytesIO()
-                torch.save(checkpoint, buffer)
-                with open(path, "wb") as file:
-                    file.write(buffer.getvalue()[: buffer.tell() // 2])
+                original(obj, buffer, *args, **kwargs)
+                f.write(buffer.getvalue()[: buffer.tell() // 2])
+                f.flush()
                 open(self.marker, "w").close()
                 time.sleep(600)
-            return original(checkpoint, path, storage_options)
+            return original(obj, f, *args, **kwargs)
 
-        plugin.save_checkpoint = save_checkpoint
+        torch.save = save
 '''
 
 CONFIG = """
@@ -426,8 +549,11 @@ data:
 """
 
 
-def _config(path: Path, dirpath: Path, extra: str = "") -> Path:
-    path.write_text(CONFIG.format(dirpath=dirpath, extra=textwrap.indent(extra, "    ")))
+def _config(path: Path, dirpath: Path, extra: str = "", asynchronous: bool = False) -> Path:
+    text = CONFIG.format(dirpath=dirpath, extra=textwrap.indent(extra, "    "))
+    if asynchronous:
+        text = text.replace("        every_n_steps: 3\n", "        every_n_steps: 3\n        asynchronous: true\n")
+    path.write_text(text)
     return path
 
 
@@ -454,7 +580,9 @@ def _final(dirpath: Path) -> dict:
 # 12 batches of 64 per epoch, a checkpoint every 3 steps.
 # workers=0: killed while paused right after the step-6 checkpoint (epoch 0, batch 6 of 12).
 # workers=2: killed in the middle of writing the step-18 checkpoint (epoch 1), so it resumes from step 15.
+# workers=2 saves asynchronously: the kill hits the background writer while the training loop has gone on.
 KILLS = {0: ("PauseAfterCheckpoint", 6, 6), 2: ("StallWhileSaving", 18, 15)}
+ASYNC = {0: False, 2: True}
 
 
 @pytest.fixture(scope="module")
@@ -469,7 +597,7 @@ def recipe_runs(tmp_path_factory):
         folder = root / f"killed_workers{workers}"
         folder.mkdir()
         extra = f"- class_path: kill_helpers.{helper}\n  init_args:\n    step: {step}\n    marker: {folder / 'marker'}\n"
-        config = _config(folder / "run.yaml", folder / "ckpt", extra)
+        config = _config(folder / "run.yaml", folder / "ckpt", extra, asynchronous=ASYNC[workers])
         log = open(folder / "log.txt", "w")
         command = [sys.executable, str(ROOT / "recipes/vit.py"), *_args(config, workers)]
         runs[workers] = (subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT), folder)
@@ -510,7 +638,7 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_ends_with_equal_weights(workers, r
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        _recipe_in_process(_config(folder / "resume.yaml", dirpath), workers, "--ckpt_path", "last")
+        _recipe_in_process(_config(folder / "resume.yaml", dirpath, asynchronous=ASYNC[workers]), workers, "--ckpt_path", "last")
     finally:
         os.chdir(cwd)
     assert not [name for name in os.listdir(dirpath) if name.endswith(".tmp")]
