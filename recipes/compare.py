@@ -3,17 +3,21 @@
     python recipes/compare.py run experiments/warmup_vit.yaml                         # runs the grid, then compares
     python recipes/compare.py run GRID.yaml --seeds 0 --variants warmup --dry-run     # print the commands only
     python recipes/compare.py logs runs/a runs/b --names a b --target-acc 0.95 --out runs/compare_ab
+    python recipes/compare.py logs runs/gpt_a runs/gpt_b --metric val/bpb --mode min --target 2.5   # any metric
 
 Both write ``<out>/compare.md`` (the table, notes on every crashed / short / incomplete run, the plots),
-``<out>/compare.json`` (every run's figures) and PNG plots: val accuracy vs optimizer step and vs wall time,
-train loss, learning rate and gradient norm, one line per variant (mean over seeds) with a min–max band.
+``<out>/compare.json`` (every run's figures) and PNG plots: the metric (``--metric``, default val/acc) vs optimizer
+step and vs wall time, train loss, learning rate and gradient norm, one line per variant (mean over seeds) with a
+min–max band. ``--mode`` says whether larger (``max``, the default) or smaller (``min``: losses, bits per byte) is
+better: it picks each run's best value and when a run reaches ``--target``.
 
 A grid file (``experiments/*.yaml``) is::
 
-    recipe: vit                  # vit | resnet: which recipe's CLI runs the variants
+    recipe: vit                  # vit | resnet | gpt: which recipe's CLI runs the variants
     config: vit_digits.yaml      # optional: a file in recipes/configs/ or a path; default the recipe's digits config
     seeds: [0, 1]
     target_acc: 0.95             # optional: steps and wall time to reach this val/acc
+    # or, for any logged metric: metric: val/bpb, mode: min, target: 2.5
     base: {trainer: {max_epochs: 10}}          # optional: merged into the config of every variant
     variants:                    # name -> overrides merged into the config (plus optional recipe / config keys)
       warmup: {}
@@ -31,7 +35,8 @@ finished runs (exit code 0) are kept, unless ``--rerun``.
 
 Figures come from the TensorBoard event files, read with tensorboard's own ``EventAccumulator``. Throughput
 and peak memory are logged by ``RunStats`` (Lightning's ``ThroughputMonitor`` plus peak memory), which the
-grid adds to every run; add it to your own runs' callbacks to get those columns for ``compare.py logs``.
+grid adds to every run; add it to your own runs' callbacks to get those columns for ``compare.py logs``. Language
+models log ``train/tokens_per_sec`` themselves: when every run has it, the throughput column is tokens/s.
 """
 
 from __future__ import annotations
@@ -63,11 +68,14 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-RECIPES = {"vit": "vit_digits.yaml", "resnet": "resnet_digits.yaml"}
+RECIPES = {"vit": "vit_digits.yaml", "resnet": "resnet_digits.yaml", "gpt": "gpt_stdlib.yaml"}
 EVENTS = "events.out.tfevents."
 # Tags plotted and tabulated. LRSchedule logs lr/<param group>; the first group (decay) is the headline LR.
 VAL_ACC, VAL_LOSS, TRAIN_LOSS, GRAD_NORM = "val/acc", "val/loss", "train/loss", "grad_norm/total"
 THROUGHPUT_TAGS = ("train/samples_per_sec", "train/device/samples_per_sec")  # global (world > 1), per device
+TOKENS_PER_SEC = "train/tokens_per_sec"  # logged by the GPT recipe, all processes together
+#: Substrings of metric names where smaller is better: asking for their maximum is almost surely a mistake.
+LOWER_IS_BETTER = ("loss", "bpb", "perplexity", "error")
 PEAK_MEMORY = "train/peak_memory_mb"
 RUN_STATS = "lightning_recipes.recipes.compare.RunStats"
 
@@ -147,17 +155,37 @@ class Variant:
     overrides: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Goal:
+    """What the table ranks runs by: a logged metric, which way is better, and an optional value to reach."""
+
+    metric: str = VAL_ACC
+    mode: str = "max"
+    target: Optional[float] = None
+
+    @property
+    def key(self) -> str:  # val/acc -> val_acc: figure names (final_val_acc) and plot file names
+        return self.metric.replace("/", "_")
+
+    @property
+    def percent(self) -> bool:  # accuracies are shown in %
+        return self.metric.rsplit("/", 1)[-1].startswith("acc")
+
+    def better(self, a: float, b: float) -> bool:
+        return a >= b if self.mode == "max" else a <= b
+
+
 @dataclass
 class Grid:
     variants: list[Variant]
     seeds: list[int]
-    target_acc: Optional[float]
+    goal: Goal
 
 
 def load_grid(path: Path) -> Grid:
     """Parse and validate a grid file; every error names the file and the key."""
     spec = yaml.safe_load(Path(path).read_text()) or {}
-    allowed = {"recipe", "config", "seeds", "target_acc", "base", "variants"}
+    allowed = {"recipe", "config", "seeds", "target_acc", "metric", "mode", "target", "base", "variants"}
     if not isinstance(spec, dict) or set(spec) - allowed:
         raise ValueError(f"{path}: unknown top-level keys {sorted(set(spec) - allowed)}; allowed: {sorted(allowed)}.")
     seeds = spec.get("seeds", [0])
@@ -166,6 +194,18 @@ def load_grid(path: Path) -> Grid:
     target = spec.get("target_acc")
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ValueError(f"{path}: target_acc={target!r} must be a fraction in (0, 1], e.g. 0.95.")
+    metric, mode = spec.get("metric", VAL_ACC), spec.get("mode", "max")
+    if not isinstance(metric, str) or not metric:
+        raise ValueError(f"{path}: metric={metric!r} must be a logged metric's name, e.g. val/bpb.")
+    if mode not in ("min", "max"):
+        raise ValueError(f"{path}: mode={mode!r} must be 'min' (smaller is better) or 'max'.")
+    if "target" in spec:
+        if target is not None or not isinstance(spec["target"], (int, float)):
+            raise ValueError(f"{path}: target={spec['target']!r} must be a number in {metric}'s units, and not given "
+                             "together with target_acc.")
+        target = spec["target"]
+    elif target is not None and metric != VAL_ACC:
+        raise ValueError(f"{path}: target_acc is for metric val/acc, not {metric}: use target.")
     variants = spec.get("variants")
     if not isinstance(variants, dict) or not variants:
         raise ValueError(f"{path}: variants must be a mapping of name -> overrides with at least one entry.")
@@ -186,7 +226,7 @@ def load_grid(path: Path) -> Grid:
                 "digit (it names a folder)."
             )
         result.append(Variant(str(name), recipe, config_path, merge(base, overrides)))
-    return Grid(result, seeds, target)
+    return Grid(result, seeds, Goal(metric, mode, target))
 
 
 def run_config(variant: Variant, seed: int, run_dir: Path) -> dict[str, Any]:
@@ -293,18 +333,18 @@ def _last(run: Run, tag: str) -> Optional[float]:
     return run.series[tag][-1][2] if run.series.get(tag) else None
 
 
-def run_figures(run: Run, target_acc: Optional[float]) -> dict[str, Any]:
+def run_figures(run: Run, goal: Goal = Goal()) -> dict[str, Any]:
     """The per-run numbers the table aggregates (None where the run did not log what they need)."""
-    acc = run.series.get(VAL_ACC, [])
+    measured = run.series.get(goal.metric, [])
     all_points = [p for points in run.series.values() for p in points]
     start = run.start_time if run.start_time is not None else min((p[1] for p in all_points), default=None)
     # Lightning logs a step's metrics at the 0-based index of the optimizer step just taken (epoch-end validation
     # at the last one), so step + 1 counts steps. RunStats' own tags count batches (they differ under
     # accumulation) and are left out.
-    step_tags = [t for t in run.series if t in (TRAIN_LOSS, VAL_ACC, VAL_LOSS) or t.startswith(("lr/", "grad_norm/"))]
+    step_tags = [t for t in run.series if t in (TRAIN_LOSS, goal.metric, VAL_LOSS) or t.startswith(("lr/", "grad_norm/"))]
     last_step = max((p[0] for tag in step_tags for p in run.series[tag]), default=None)
     steps = None if last_step is None else last_step + 1
-    reached = next(((s + 1, w) for s, w, v in acc if target_acc is not None and v >= target_acc), None)
+    reached = next(((s + 1, w) for s, w, v in measured if goal.target is not None and goal.better(v, goal.target)), None)
     throughput_tag = next((t for t in THROUGHPUT_TAGS if run.series.get(t)), None)
     seconds = run.seconds
     if seconds is None and all_points and start is not None:
@@ -314,14 +354,15 @@ def run_figures(run: Run, target_acc: Optional[float]) -> dict[str, Any]:
         "run": run.name,
         "path": str(run.path),
         "returncode": run.returncode,
-        "final_val_acc": _last(run, VAL_ACC),
-        "best_val_acc": max((v for _, _, v in acc), default=None),
+        f"final_{goal.key}": _last(run, goal.metric),
+        f"best_{goal.key}": (max if goal.mode == "max" else min)((v for _, _, v in measured), default=None),
         "final_val_loss": _last(run, VAL_LOSS),
         "steps": steps,
-        "epochs_validated": len(acc),
+        "epochs_validated": len(measured),
         "steps_to_target": reached[0] if reached else None,
         "seconds_to_target": reached[1] - start if reached and start is not None else None,
         "samples_per_sec": statistics.median(v for _, _, v in run.series[throughput_tag]) if throughput_tag else None,
+        "tokens_per_sec": statistics.median(v for _, _, v in run.series[TOKENS_PER_SEC]) if run.series.get(TOKENS_PER_SEC) else None,
         "peak_memory_mb": max((v for _, _, v in run.series.get(PEAK_MEMORY, [])), default=None),
         "seconds": seconds,
     }
@@ -346,13 +387,16 @@ def _cell(figures: list[dict[str, Any]], key: str, *, scale: float = 1.0, digits
     return text if len(values) == len(figures) or not values else f"{text} ({len(values)}/{len(figures)})"
 
 
-def table(figures: list[dict[str, Any]], target_acc: Optional[float]) -> tuple[str, list[str]]:
+def table(figures: list[dict[str, Any]], goal: Goal = Goal()) -> tuple[str, list[str]]:
     """The markdown comparison table and the notes that explain every run it could not count fully."""
-    target = f"{100 * target_acc:g}%" if target_acc is not None else None
+    target = None if goal.target is None else f"{100 * goal.target:g}%" if goal.percent else f"{goal.target:g}"
+    unit = " %" if goal.percent else ""
+    # Text runs: tokens/s (what a language model's speed is quoted in) when every run logged it.
+    throughput = "tokens_per_sec" if figures and all(f["tokens_per_sec"] is not None for f in figures) else "samples_per_sec"
     header = [
-        "variant", "runs", "final val/acc %", "best val/acc %", "final val/loss", "optimizer steps",
+        "variant", "runs", f"final {goal.metric}{unit}", f"best {goal.metric}{unit}", "final val/loss", "optimizer steps",
         f"steps to {target}" if target else "steps to target", f"seconds to {target}" if target else "seconds to target",
-        "samples/s", "peak memory MB", "wall time s",
+        "tokens/s" if throughput == "tokens_per_sec" else "samples/s", "peak memory MB", "wall time s",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
@@ -363,7 +407,7 @@ def table(figures: list[dict[str, Any]], target_acc: Optional[float]) -> tuple[s
         count = f"{len(runs)}" + (f" ({len(crashed)} crashed)" if crashed else "")
         steps = sorted({f["steps"] for f in runs if f["steps"] is not None})
         steps_text = "—" if not steps else str(steps[0]) if len(steps) == 1 else f"{steps[0]}–{steps[-1]} (differ)"
-        if target_acc is None:
+        if goal.target is None:
             to_steps = to_seconds = "—"
         else:
             reached = [f for f in runs if f["steps_to_target"] is not None]
@@ -372,9 +416,10 @@ def table(figures: list[dict[str, Any]], target_acc: Optional[float]) -> tuple[s
             to_seconds = (_mean_std([f["seconds_to_target"] for f in reached if f["seconds_to_target"] is not None],
                                     digits=0) + suffix) if reached else "not reached"
         row = [
-            variant, count, _cell(runs, "final_val_acc", scale=100), _cell(runs, "best_val_acc", scale=100),
+            variant, count, *(_cell(runs, f"{which}_{goal.key}", scale=100 if goal.percent else 1,
+                                    digits=2 if goal.percent else 3) for which in ("final", "best")),
             _cell(runs, "final_val_loss", digits=3), steps_text, to_steps, to_seconds,
-            _cell(runs, "samples_per_sec", digits=0), _cell(runs, "peak_memory_mb", digits=0), _cell(runs, "seconds", digits=0),
+            _cell(runs, throughput, digits=0), _cell(runs, "peak_memory_mb", digits=0), _cell(runs, "seconds", digits=0),
         ]
         lines.append("| " + " | ".join(row) + " |")
         for f in runs:
@@ -382,7 +427,7 @@ def table(figures: list[dict[str, Any]], target_acc: Optional[float]) -> tuple[s
             if f["returncode"] not in (None, 0):
                 notes.append(f"{where}: crashed with exit code {f['returncode']}: {_last_line(Path(f['path']) / 'log.txt')} "
                              f"(see {f['path']}/log.txt); its figures, if any, are from the steps it logged before.")
-            missing = [k for k in ("final_val_acc", "final_val_loss", "samples_per_sec", "peak_memory_mb") if f[k] is None]
+            missing = [k for k in (f"final_{goal.key}", "final_val_loss", throughput, "peak_memory_mb") if f[k] is None]
             if missing:
                 notes.append(f"{where}: logged no {', '.join(missing)}.")
         if len(steps) > 1:
@@ -422,7 +467,7 @@ def _aligned(runs: list[Run], tag: str) -> Optional[tuple[Any, Any, Any, Any, An
         return steps, np.nanmean(times, 0), np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
-def plot(runs: list[Run], out: Path) -> list[Path]:
+def plot(runs: list[Run], out: Path, metric: str = VAL_ACC) -> list[Path]:
     """One PNG per figure; one line per variant (mean over its runs) and a band from the min to the max run."""
     import matplotlib
 
@@ -431,8 +476,8 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
 
     lr_tag = next((t for run in runs for t in sorted(run.series) if t.startswith("lr/")), None)
     figures = [
-        ("val_acc_vs_step", VAL_ACC, "optimizer step", "val accuracy", False),
-        ("val_acc_vs_time", VAL_ACC, "wall time (s)", "val accuracy", True),
+        (f"{Goal(metric).key}_vs_step", metric, "optimizer step", metric, False),
+        (f"{Goal(metric).key}_vs_time", metric, "wall time (s)", metric, True),
         ("train_loss", TRAIN_LOSS, "optimizer step", "train loss", False),
         ("lr", lr_tag, "optimizer step", f"learning rate ({lr_tag})", False),
         ("grad_norm", GRAD_NORM, "optimizer step", "gradient norm before clipping", False),
@@ -467,7 +512,7 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def compare(variant_dirs: dict[str, Path], out: Path, target_acc: Optional[float], title: str) -> str:
+def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str) -> str:
     """Read every variant's runs, write compare.md / compare.json / the plots into ``out``; return the markdown."""
     runs = []
     for variant, directory in variant_dirs.items():
@@ -475,10 +520,10 @@ def compare(variant_dirs: dict[str, Path], out: Path, target_acc: Optional[float
         if not found:
             raise FileNotFoundError(f"no TensorBoard event files ({EVENTS}*) and no run.json under {directory}")
         runs.extend(found)
-    figures = [run_figures(run, target_acc) for run in runs]
-    markdown, notes = table(figures, target_acc)
+    figures = [run_figures(run, goal) for run in runs]
+    markdown, notes = table(figures, goal)
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot(runs, out)
+    plots = plot(runs, out, goal.metric)
     text = [f"# {title}", "", markdown, ""]
     if notes:
         text += ["Notes:", *[f"- {n}" for n in notes], ""]
@@ -489,7 +534,7 @@ def compare(variant_dirs: dict[str, Path], out: Path, target_acc: Optional[float
                "torch": torch.__version__, "python": platform.python_version()}
     (out / "compare.json").write_text(json.dumps(
         {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-         "target_acc": target_acc, "runs": figures}, indent=1))
+         "metric": goal.metric, "mode": goal.mode, "target": goal.target, "runs": figures}, indent=1))
     return document
 
 
@@ -509,9 +554,14 @@ def main(argv: Optional[list[str]] = None) -> str:
     logs.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
     for p in (run, logs):
         p.add_argument("--target-acc", type=float, help="val/acc to reach, as a fraction (overrides the grid's)")
+        p.add_argument("--metric", help="logged metric to rank and plot by (default: the grid's, else val/acc)")
+        p.add_argument("--mode", choices=("min", "max"), help="max (default): larger is better; min: smaller is")
+        p.add_argument("--target", type=float, help="value of --metric to reach, in its units (e.g. 2.5 for val/bpb)")
     args = parser.parse_args(argv)
     if args.target_acc is not None and not 0 < args.target_acc <= 1:
         parser.error(f"--target-acc {args.target_acc} must be a fraction in (0, 1], e.g. 0.95")
+    if args.target_acc is not None and (args.target is not None or args.metric not in (None, VAL_ACC)):
+        parser.error("--target-acc is the target of --metric val/acc: with another metric, or with --target, use --target")
 
     if args.command == "run":
         grid = load_grid(args.grid)
@@ -526,8 +576,8 @@ def main(argv: Optional[list[str]] = None) -> str:
         run_grid(grid, out, rerun=args.rerun, dry_run=args.dry_run)
         if args.dry_run:
             return ""
-        target = args.target_acc if args.target_acc is not None else grid.target_acc
-        document = compare({v.name: out / v.name for v in grid.variants}, out, target, f"{args.grid.stem} ({args.grid})")
+        document = compare({v.name: out / v.name for v in grid.variants}, out, _goal(args, parser, grid.goal),
+                           f"{args.grid.stem} ({args.grid})")
     else:
         names = args.names or [d.name for d in args.dirs]
         if len(names) != len(args.dirs) or len(set(names)) != len(names):
@@ -535,11 +585,24 @@ def main(argv: Optional[list[str]] = None) -> str:
         for d in args.dirs:
             if not d.is_dir():
                 parser.error(f"{d} is not a folder")
-        document = compare(dict(zip(names, args.dirs)), args.out, args.target_acc, "Comparison")
+        document = compare(dict(zip(names, args.dirs)), args.out, _goal(args, parser, Goal()), "Comparison")
         out = args.out
     print(document)
     print(f"written: {out / 'compare.md'}, {out / 'compare.json'} and the PNG plots in {out}")
     return document
+
+
+def _goal(args: argparse.Namespace, parser: argparse.ArgumentParser, default: Goal) -> Goal:
+    """The command line's --metric / --mode / --target(-acc) over the grid's (or the default) goal."""
+    metric = args.metric or default.metric
+    mode = args.mode or (default.mode if metric == default.metric else "max")
+    if args.mode is None and mode == "max" and any(word in metric.rsplit("/", 1)[-1] for word in LOWER_IS_BETTER):
+        parser.error(f"--metric {metric}: smaller is better for it, but --mode defaults to max; pass --mode min "
+                     "(or --mode max if you really rank by its largest value)")
+    target = args.target if args.target is not None else args.target_acc
+    if target is None and metric == default.metric:
+        target = default.target
+    return Goal(metric, mode, target)
 
 
 if __name__ == "__main__":

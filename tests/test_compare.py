@@ -116,7 +116,7 @@ def test_merge_updates_removes_and_appends_callbacks_by_class_path():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"variants": {"a": {}}, "recipe": "mlp"}, r"variant 'a' has recipe='mlp'; choose one of \['resnet', 'vit'\]"),
+        ({"variants": {"a": {}}, "recipe": "mlp"}, r"variant 'a' has recipe='mlp'; choose one of \['gpt', 'resnet', 'vit'\]"),
         ({"variants": {"a": {}}, "recipe": "vit", "seeds": []}, r"seeds=\[\] must be a non-empty list of integers"),
         ({"variants": {"a": {}}, "recipe": "vit", "target_acc": 95}, r"target_acc=95 must be a fraction in \(0, 1\]"),
         ({"variants": {}, "recipe": "vit"}, "variants must be a mapping of name -> overrides"),
@@ -204,3 +204,95 @@ def test_every_experiment_variant_builds_its_model_data_and_trainer(grid_file, t
             auto_configure_optimizers=False, args=["--config", str(path)],
         )
         assert cli.trainer.default_root_dir == str(tmp_path / variant.name)
+
+
+# ------------------------------------------------------------------------------------- any metric, language models
+
+
+def _write_lm_run(folder: Path, bpb: list[float], tokens_per_sec: float, *, steps: int = 30, start: float = 1000.0):
+    """A language-model run as the GPT recipe logs it: val/bpb and val/loss (nats) per validation, tokens/s."""
+    writer = SummaryWriter(str(folder))
+    for step in range(steps):
+        writer.add_scalar("train/loss", 2.0 - step / steps, step, walltime=start + step)
+        writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step, walltime=start + step)
+        writer.add_scalar("lr/decay", 0.1, step, walltime=start + step)
+    for epoch, value in enumerate(bpb):
+        step = 10 * epoch + 9
+        writer.add_scalar("val/bpb", value, step, walltime=start + step)
+        writer.add_scalar("val/loss", value * 0.6931471805599453, step, walltime=start + step)
+    writer.close()
+
+
+def test_logs_ranks_by_any_metric_smaller_is_better_and_reports_tokens_per_sec(tmp_path):
+    _write_lm_run(tmp_path / "a" / "seed0", [3.0, 2.0, 2.1], 1000.0)  # best 2.0 is not the final 2.1
+    _write_lm_run(tmp_path / "a" / "seed1", [3.2, 2.6, 2.3], 1200.0)
+    _write_lm_run(tmp_path / "b" / "seed0", [3.5, 3.0, 2.8], 900.0)
+    document = compare.main(["logs", str(tmp_path / "a"), str(tmp_path / "b"), "--metric", "val/bpb", "--mode", "min",
+                             "--target", "2.5", "--out", str(tmp_path / "out")])
+
+    header = [c.strip() for c in document.splitlines()[2].strip("|").split("|")]
+    assert header[2:4] == ["final val/bpb", "best val/bpb"] and header[6:9] == ["steps to 2.5", "seconds to 2.5", "tokens/s"]
+    # final 2.1 / 2.3: mean 2.200, std 0.141; best (the minimum) 2.0 / 2.3: 2.150 ± 0.212; val/loss = bpb x ln 2;
+    # below 2.5 first at steps 20 (19 s) and 30 (29 s); tokens/s 1000 and 1200.
+    assert _row(document, "a") == [
+        "a", "2", "2.200 ± 0.141", "2.150 ± 0.212", "1.525 ± 0.098", "30", "25 ± 7", "24 ± 7", "1100 ± 141", "—", "29 ± 0"
+    ]
+    assert _row(document, "b")[2:9] == ["2.800", "2.800", "1.941", "30", "not reached", "not reached", "900"]
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())
+    assert (result["metric"], result["mode"], result["target"]) == ("val/bpb", "min", 2.5)
+    assert [f["best_val_bpb"] for f in result["runs"]] == pytest.approx([2.0, 2.3, 2.8])
+    assert {p.name for p in (tmp_path / "out").glob("*.png")} == {"val_bpb_vs_step.png", "val_bpb_vs_time.png",
+                                                                   "train_loss.png", "lr.png"}
+
+
+def test_a_smaller_is_better_metric_needs_an_explicit_mode(tmp_path, capsys):
+    _write_lm_run(tmp_path / "a" / "seed0", [3.0], 1000.0)
+    with pytest.raises(SystemExit):
+        compare.main(["logs", str(tmp_path / "a"), "--metric", "val/bpb"])
+    assert "--metric val/bpb: smaller is better for it, but --mode defaults to max; pass --mode min" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare.main(["logs", str(tmp_path / "a"), "--metric", "val/bpb", "--mode", "min", "--target-acc", "0.9"])
+    assert "--target-acc is the target of --metric val/acc" in capsys.readouterr().err
+    # --mode max on purpose: the largest value ranks first, and "reached" means at or above the target.
+    document = compare.main(["logs", str(tmp_path / "a"), "--metric", "val/bpb", "--mode", "max", "--target", "2.5",
+                             "--out", str(tmp_path / "out")])
+    assert _row(document, "a")[6] == "10"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"mode": "lowest"}, r"mode='lowest' must be 'min' \(smaller is better\) or 'max'"),
+        ({"metric": "val/bpb", "target_acc": 0.9}, r"target_acc is for metric val/acc, not val/bpb: use target"),
+        ({"metric": "val/bpb", "target": "low"}, r"target='low' must be a number in val/bpb's units"),
+    ],
+)
+def test_grid_metric_errors_name_the_file_and_the_key(tmp_path, spec, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"recipe": "gpt", "variants": {"a": {}}, **spec}))
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        compare.load_grid(path)
+
+
+def test_a_gpt_grid_runs_real_runs_and_ranks_them_by_val_bpb(tmp_path):
+    from data_fakes import write_text_folder
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({
+        "recipe": "gpt", "seeds": [0], "metric": "val/bpb", "mode": "min", "target": 100.0,
+        "base": {"trainer": {"max_steps": 4, "val_check_interval": 2, "log_every_n_steps": 1},
+                 "model": {"depth": 1, "width": 32, "heads": 2, "sample_length": 0},
+                 "data": {"init_args": {"path": write_text_folder(tmp_path / "text"), "context_length": 16, "batch_size": 4}}},
+        "variants": {"pre_ln": {}, "post_ln": {"model": {"norm_first": False}}},
+    }))
+    out = tmp_path / "out"
+    document = compare.main(["run", str(grid), "--out", str(out)])
+    for variant in ("pre_ln", "post_ln"):
+        row = _row(document, variant)
+        assert row[:2] == [variant, "1"] and row[5] == "4"  # 4 optimizer steps
+        assert 0 < float(row[2]) < 9 and float(row[3]) <= float(row[2])  # bits per byte; best = the smallest
+        assert row[6] == "2"  # below 100 bits at the first validation, step 2 (min mode: "reached" is <=)
+        assert row[8] not in ("—", "0")  # the tokens/s column
+    assert "tokens/s" in document.splitlines()[2]
+    config = yaml.safe_load((out / "post_ln" / "seed_0" / "config.yaml").read_text())
+    assert config["model"]["norm_first"] is False and config["data"]["class_path"].endswith("TextDataModule")
