@@ -163,3 +163,37 @@ def test_digits_accuracy_runs_one_short_seed(load, tmp_path):
                                          "--trainer.limit_val_batches=1", "--model.depth=1"])  # fmt: skip
     assert [(r["recipe"], r["seed"]) for r in runs] == [("vit", 0)] and 0 <= runs[0]["val_acc"] <= 1
     assert json.loads(out.read_text())["runs"] == runs
+
+
+def test_lm_baseline_computes_the_anchors_and_the_recipe_on_the_same_held_out_bytes(load, tmp_path):
+    from data_fakes import write_text_folder
+
+    out, text = tmp_path / "lm.json", write_text_folder(tmp_path / "text")
+    result = load("lm_baseline").main(["--path", text, "--train-tail-mb", "0.01", "--ngram-order", "2", "--out", str(out),
+                                       "--", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                                       "--data.context_length=16", "--data.batch_size=4", "--model.depth=1",
+                                       "--model.width=32", "--model.heads=2", "--model.sample_length=0"])  # fmt: skip
+    figures = _figures(out, "lm_baseline", 1)
+    corpus = result["corpus"]
+    assert (corpus["file_count"], corpus["val_tokens"]) == (40, 1120) and len(corpus["sha256"]) == 64
+    anchors = ["gzip -9, held-out alone", "xz -9e, held-out alone", "xz -9e, held-out given the training tail"]
+    assert all(figures[name]["unit"] == "bits/byte" and 0 < figures[name]["median"] < 8 for name in anchors)
+    # The made-up files repeat one pattern: knowing the training text must help xz.
+    assert figures[anchors[2]]["median"] < figures[anchors[1]]["median"]
+    ngrams = [figures[f"byte n-gram, {order} bytes of context (Witten-Bell)"]["median"] for order in range(3)]
+    assert ngrams[0] > ngrams[1] > ngrams[2]  # more context, fewer bits, on this regular text
+    recipe = figures["recipe val/bpb (final weights)"]
+    assert recipe["goal"] == f"<= {figures[anchors[0]]['median']:g}" and result["recipe"]["steps"] == 2
+    assert recipe["median"] == pytest.approx(result["recipe"]["val_loss"] / math.log(2), rel=1e-6)
+
+
+def test_lm_baseline_n_gram_is_exact_on_a_hand_computed_case(load):
+    import numpy as np
+
+    # Training "abab": order 0 counts a=2, b=2 (T=2); held-out "ab": p(a) = (2 + 2/256) / (4 + 2), likewise p(b).
+    # Order 1: context "a" is followed by "b" twice (C=2, T=1): p(b|a) = (2 + 1 * p0(b)) / 3; the first held-out byte
+    # has no context and keeps p0(a).
+    ngram = load("lm_baseline").ngram_bpb(np.frombuffer(b"abab", np.uint8), np.frombuffer(b"ab", np.uint8), 1)
+    p0 = (2 + 2 / 256) / 6
+    assert ngram[0] == pytest.approx(-math.log2(p0))
+    assert ngram[1] == pytest.approx(-(math.log2(p0) + math.log2((2 + p0) / 3)) / 2)
