@@ -83,6 +83,13 @@ def _planned_steps(
     return step
 
 
+
+def _data_parallel_size(trainer: "pl.Trainer") -> int:
+    """Processes that each train on their own batch: the strategy's sampler replicas (the definition
+    ``GradientAccumulation`` and ``ResumableDataLoader`` share), not the world size: tensor-parallel ranks share one
+    batch; 1 for a single-process strategy."""
+    return int((getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1))
+
 class GradientAccumulation(Callback):
     """Accumulates gradients to reach a global batch size, weighting every sample of a window equally.
 
@@ -242,8 +249,7 @@ class GradientAccumulation(Callback):
         # module's `train_dataloader`): Lightning builds it after `setup`, so k is set at `on_fit_start`.
 
     def _set_k(self, trainer: pl.Trainer, micro: int) -> None:
-        # Data-parallel replicas, not the world size: tensor-parallel ranks share one batch.
-        replicas = int((getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1))
+        replicas = _data_parallel_size(trainer)
         self._replicas = replicas
         first = micro * replicas if self.global_batch_size is None else self.global_batch_size
         self.ks = [(0, _accumulation(first, micro, replicas, "global_batch_size"))]

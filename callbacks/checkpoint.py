@@ -18,13 +18,14 @@ half-window gradients       this callback's ``state_dict`` (``grads``; single pr
 rotation bookkeeping        this callback's ``state_dict`` (``recent``, and ``ModelCheckpoint``'s best-k fields)
 =========================  =====================================================================================
 
-Private Lightning attributes used (checked on Lightning 2.5.0 and 2.6.6, each exercised by tests/test_checkpoint.py):
+Private Lightning attributes used (checked on Lightning 2.6.0 and 2.6.6, each exercised by tests/test_checkpoint.py):
 
 =======================================================  ===========================================================
 ``ModelCheckpoint._find_last_checkpoints``                 the hook Lightning calls to resolve ``ckpt_path="last"``
 ``trainer.fit_loop._data_source``                          where a user's plain train loader comes from, to rebuild it
 ``trainer._accelerator_connector.use_distributed_sampler``  whether Lightning would shard a rebuilt loader
 ``ModelParallelStrategy._save_distributed_checkpoint``     whether FSDP2 writes a sharded directory (bypassing IO)
+``Callback._generate_state_key``                           the key of this callback's state in the checkpoint
 =======================================================  ===========================================================
 """
 
@@ -622,7 +623,6 @@ class ResumableCheckpoint(ModelCheckpoint):
                 path, weights_only=False, storage_options={"after_commit": lambda p: _publish(p, last, drop)}
             )
         self._last_write = (path, key)
-        self._last_global_step_saved = trainer.global_step
         self.last_model_path = last
         if self.verbose:
             rank_zero_info(f"ResumableCheckpoint: saved {path}")

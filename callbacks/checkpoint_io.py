@@ -24,6 +24,7 @@ Copy this one file into your project: it needs torch and lightning only.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import threading
 import time
@@ -47,34 +48,69 @@ _LIGHTNING_KEYS = ("state_dict", "loops", "global_step")
 # ---------------------------------------------------------------------------------------------------- validation
 
 
-def _zip_problem(data: memoryview) -> Optional[str]:
-    """What is wrong with the bytes of a ``torch.save`` zip archive, or ``None``; CRCs checked without copies."""
-    size = len(data)
+def _members(file: Any, size: int, data: memoryview) -> tuple[list[tuple[str, int, int, int]], Optional[str]]:
+    """The ``(name, start, size, CRC-32)`` of every member of a ``torch.save`` zip archive, from its directory (read
+    from the seekable ``file``) and local headers (in ``data``, the same bytes); or ``([], the problem)``."""
     if size == 0:
-        return "empty file (0 bytes)"
+        return [], "empty file (0 bytes)"
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))  # reads the central directory only
+        archive = zipfile.ZipFile(file)  # reads the central directory only
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        return f"truncated or not written by torch.save: no zip directory at the end of its {size} bytes"
+        return [], f"truncated or not written by torch.save: no zip directory at the end of its {size} bytes"
+    members = []
     with archive:
         for info in archive.infolist():
-            if info.compress_type != zipfile.ZIP_STORED:  # torch.save stores; anything else, check the slow way
-                try:
-                    bad = archive.testzip()
-                except (zipfile.BadZipFile, OSError, EOFError, ValueError, zlib.error) as err:
-                    return f"corrupted zip archive ({err})"
-                return None if bad is None else f"corrupted: member {bad!r} fails its CRC-32 check"
+            if info.compress_type != zipfile.ZIP_STORED:  # torch.save stores, never compresses
+                return [], f"not written by torch.save: member {info.filename!r} is compressed"
             header = bytes(data[info.header_offset : info.header_offset + 30])
             if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                return f"corrupted zip archive (no local header for member {info.filename!r})"
-            name_length = int.from_bytes(header[26:28], "little")
-            extra_length = int.from_bytes(header[28:30], "little")
-            start = info.header_offset + 30 + name_length + extra_length
+                return [], f"corrupted zip archive (no local header for member {info.filename!r})"
+            start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
             if start + info.compress_size > size:
-                return f"truncated: member {info.filename!r} ends past the end of the file"
-            if zlib.crc32(data[start : start + info.compress_size]) != info.CRC:
-                return f"corrupted: member {info.filename!r} fails its CRC-32 check"
+                return [], f"truncated: member {info.filename!r} ends past the end of the file"
+            members.append((info.filename, start, info.compress_size, info.CRC))
+    return members, None
+
+
+def _crc_problem(members: list[tuple[str, int, int, int]], data: memoryview) -> Optional[str]:
+    for name, start, length, crc in members:
+        if zlib.crc32(data[start : start + length]) != crc:  # zlib releases the GIL on large buffers
+            return f"corrupted: member {name!r} fails its CRC-32 check"
     return None
+
+
+def _checked_load(path: str, *, map_location: Any, weights_only: bool) -> tuple[Any, Optional[str]]:
+    """Unpickles the file while a second thread checks every CRC-32 of it; (content, None) or (None, the problem).
+
+    The zip structure is checked first (cheap). The CRCs, a full pass over the memory-mapped bytes, run beside
+    ``torch.load``, so a checked load costs about one pass over the file, as an unchecked one does; a failed CRC
+    discards whatever was loaded. Both read the same open file: a rename that replaces ``path`` meanwhile does not
+    matter.
+    """
+    with open(path, "rb") as file:
+        size = os.fstat(file.fileno()).st_size
+        if size == 0:
+            return None, "empty file (0 bytes)"
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            view = memoryview(mapped)
+            try:
+                members, problem = _members(file, size, view)
+                if problem is not None:
+                    return None, problem
+                result: list[Optional[str]] = []
+                checker = threading.Thread(target=lambda: result.append(_crc_problem(members, view)),
+                                           name="SafeCheckpointIO-crc")  # fmt: skip
+                checker.start()
+                try:
+                    file.seek(0)
+                    content, problem = _unpickle(file, map_location=map_location, weights_only=weights_only)
+                finally:
+                    checker.join()
+                if result[0] is not None:  # corrupted bytes: whatever unpickled from them does not count
+                    return None, result[0]
+                return content, problem
+            finally:
+                view.release()
 
 
 def _content_problem(content: Any, *, sharded: bool) -> Optional[str]:
@@ -106,20 +142,6 @@ def _weights_only_fix() -> str:
     return "use SafeCheckpointIO(weights_only=False)"
 
 
-def _read(path: str) -> memoryview:
-    with open(path, "rb", buffering=0) as file:
-        size = os.fstat(file.fileno()).st_size
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        done = 0
-        while done < size:
-            n = file.readinto(view[done:])
-            if not n:
-                break
-            done += n
-    return view[:done]
-
-
 def checkpoint_problem(path: str, *, weights_only: bool = True) -> Optional[str]:
     """What is wrong with the checkpoint at ``path`` (a file, or a sharded checkpoint directory), or ``None``.
 
@@ -136,12 +158,8 @@ def checkpoint_problem(path: str, *, weights_only: bool = True) -> Optional[str]
         return problem or _content_problem(content, sharded=True)
     if not os.path.isfile(path):
         return "no such file"
-    data = _read(path)
-    problem = _zip_problem(data)
-    if problem is None:
-        content, problem = _unpickle(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
-        problem = problem or _content_problem(content, sharded=False)
-    return problem
+    content, problem = _checked_load(path, map_location="cpu", weights_only=weights_only)
+    return problem or _content_problem(content, sharded=False)
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -280,12 +298,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
         weights_only = self.weights_only if weights_only is None else weights_only
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Cannot resume from checkpoint {path}: no such file")
-        data = _read(path)
-        problem = _zip_problem(data)
-        content = None
-        if problem is None:
-            content, problem = _unpickle(io.BytesIO(data), map_location=map_location, weights_only=weights_only)
-            problem = problem or _content_problem(content, sharded=False)
+        content, problem = _checked_load(path, map_location=map_location, weights_only=weights_only)
+        problem = problem or _content_problem(content, sharded=False)
         if problem is not None:
             raise RuntimeError(f"Cannot resume from checkpoint {path}: {problem}")
         return content

@@ -199,6 +199,13 @@ def lr_factor(
     return low + (1.0 - low) * (1.0 - progress) ** k["power"]  # polynomial
 
 
+
+def _data_parallel_size(trainer: "pl.Trainer") -> int:
+    """Processes that each train on their own batch: the strategy's sampler replicas (the definition
+    ``GradientAccumulation`` and ``ResumableDataLoader`` share), not the world size: tensor-parallel ranks share one
+    batch; 1 for a single-process strategy."""
+    return int((getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}).get("num_replicas", 1))
+
 class LRSchedule(Callback):
     """Sets every parameter group's LR before each optimizer step from :func:`lr_factor` of the step count.
 
@@ -451,9 +458,7 @@ class LRSchedule(Callback):
                     "LRSchedule(reference_batch_size=...) needs the micro batch size, but the train dataloader has"
                     f" no integer `batch_size` (got {micro!r}): pass LRSchedule(micro_batch_size=...)"
                 )
-        # Data-parallel replicas, not the world size: tensor-parallel ranks share one batch.
-        replicas = getattr(trainer.strategy, "distributed_sampler_kwargs", None) or {}
-        world = int(replicas.get("num_replicas", trainer.world_size))
+        world = _data_parallel_size(trainer)
         global_batch = micro * trainer.accumulate_grad_batches * world
         rank_zero_info(
             f"LRSchedule: global batch {global_batch} = micro batch {micro} x accumulate_grad_batches"

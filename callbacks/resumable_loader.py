@@ -14,12 +14,16 @@ Random augmentations are reproducible too: before each sample is loaded, the glo
 seeded from (seed, epoch, position in the epoch's global order). A sample therefore gets the same augmentation
 whichever worker loads it, before or after a resume. (The order and augmentations differ from a plain
 ``DataLoader``'s, which draws them from the global RNG; they are equally random.)
+
+Worker processes ignore SIGTERM and SIGUSR1 (SLURM and torchrun signal the whole process group): the main process
+decides when to stop, saves, and its workers end with it.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 from typing import Any, Iterator, Optional
 
@@ -65,6 +69,25 @@ def _default_seed() -> int:
         dist.broadcast_object_list(box, src=0)
         seed = int(box[0])
     return seed
+
+
+class _IgnoreStopSignals:
+    """A worker's init: ignore SIGTERM / SIGUSR1, then run the user's ``worker_init_fn``.
+
+    SLURM and torchrun signal a job's whole process group. A worker that dies of it makes the main process fail with
+    "DataLoader worker ... is killed by signal: Terminated" before Lightning's handler can stop the loop and a
+    checkpoint can be written; the main process decides when to stop, and its workers go with it.
+    """
+
+    def __init__(self, worker_init_fn: Any) -> None:
+        self.worker_init_fn = worker_init_fn
+
+    def __call__(self, worker_id: int) -> None:
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
 
 
 class _SeededDataset(Dataset):
@@ -166,6 +189,8 @@ class ResumableDataLoader(DataLoader):
         if rank is not None and (not isinstance(rank, int) or rank < 0 or (num_replicas and rank >= num_replicas)):
             raise ValueError(f"ResumableDataLoader(rank={rank!r}): must be in [0, num_replicas) or None")
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))  # never draw from the model's global RNG
+        init = kwargs.get("worker_init_fn")
+        kwargs["worker_init_fn"] = init if isinstance(init, _IgnoreStopSignals) else _IgnoreStopSignals(init)
         wrapped = _SeededDataset(dataset)
         self._options = {"shuffle": shuffle, "seed": seed, "num_replicas": num_replicas, "rank": rank}
         sampler = _ResumableSampler(

@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_recipes.callbacks.resumable_loader import ResumableDataLoader
+
 
 class ImageClassificationDataModule(LightningDataModule):
     """Base class: subclasses build ``self.train_set`` / ``self.val_set`` / ``self.test_set`` in ``setup``.
@@ -64,7 +66,26 @@ class ImageClassificationDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        # A ResumableDataLoader: its position in the epoch (and the order's seed) is its own state_dict, which
+        # Lightning saves in every checkpoint, so a mid-epoch resume continues with the next batch exactly. Under
+        # overfit_batches Lightning swaps in a SequentialSampler, which only a plain DataLoader accepts.
+        if self.trainer is not None and self.trainer.overfit_batches > 0:
+            return self._loader(self.train_set, shuffle=True)
+        if self.train_set is None:
+            return self._loader(None, shuffle=True)  # the error
+        # The data-parallel ranks as the Trainer's strategy defines them (what GradientAccumulation and LRSchedule
+        # count as data-parallel processes too); without a Trainer, the process group's.
+        ranks = (self.trainer.distributed_sampler_kwargs if self.trainer is not None else None) or {}
+        return ResumableDataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            num_replicas=ranks.get("num_replicas"),
+            rank=ranks.get("rank"),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
@@ -184,6 +185,36 @@ class RecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         for name in self.model_class.data_links:
             parser.link_arguments(f"data.{name}", f"model.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--global_batch_size",
+            type=Optional[int],
+            default=None,
+            help="Samples per optimizer step over all processes: sets the GradientAccumulation callback's"
+            " global_batch_size (adding the callback if the config has none), which accumulates"
+            " k = global / (data batch_size x data-parallel processes) micro-batches per step.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        size = config.get("global_batch_size")
+        if size is None:
+            return
+        check_number("global_batch_size", size, "use a positive int", option="--global_batch_size", integer=True,
+                     at_least=1)  # fmt: skip
+        callbacks = config.trainer.callbacks
+        callbacks = [] if callbacks is None else callbacks if isinstance(callbacks, list) else [callbacks]
+        ours = [c for c in callbacks if str(getattr(c, "class_path", "")).endswith(".GradientAccumulation")]
+        if len(ours) > 1:
+            raise ValueError(
+                f"--global_batch_size={size}: the config has {len(ours)} GradientAccumulation callbacks; keep one"
+            )
+        if ours:
+            ours[0].init_args.global_batch_size = size
+        else:
+            callbacks.append(Namespace(class_path="lightning_recipes.callbacks.GradientAccumulation",
+                                       init_args=Namespace(global_batch_size=size)))  # fmt: skip
+        config.trainer.callbacks = callbacks
 
     def _parse_ckpt_path(self) -> None:
         # Lightning >= 2.5 reads the checkpoint's hyperparameters here, before any Trainer or callback exists, and

@@ -188,16 +188,35 @@ def test_without_a_global_batch_size_it_steps_every_batch_and_only_logs():
 
 
 def test_the_digits_configs_accumulate_when_the_global_batch_is_given_on_the_command_line(tmp_path, monkeypatch):
+    # A named flag, whatever the place of the callback in the config's list (or none there: it is added).
     from lightning_recipes.recipes.common import run_cli
     from lightning_recipes.recipes.vit import ViTClassifier
 
     monkeypatch.chdir(tmp_path)
-    args = ["fit", "--trainer.callbacks.global_batch_size=256", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
+    args = ["fit", "--global_batch_size=256", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
             "--trainer.enable_progress_bar=false", "--model.depth=1", "--model.width=32", "--model.heads=2"]
     cli = run_cli(ViTClassifier, "vit_digits.yaml", args=args)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientAccumulation)]
     assert callback.ks == [(0, 4)]  # 256 / (batch 64 x 1 process)
     assert callback.samples_seen == 256
+    without = ["fit", "--config", str(_config_without_accumulation(tmp_path)), *args[1:]]
+    (added,) = [c for c in run_cli(ViTClassifier, "vit_digits.yaml", args=without).trainer.callbacks
+                if isinstance(c, GradientAccumulation)]  # fmt: skip
+    assert added.ks == [(0, 4)]
+    with pytest.raises(ValueError, match=r"global_batch_size=0 is invalid.*--global_batch_size"):
+        run_cli(ViTClassifier, "vit_digits.yaml", args=["fit", "--global_batch_size=0", *args[2:]])
+
+
+def _config_without_accumulation(tmp_path):
+    import yaml
+
+    from lightning_recipes.recipes.common import CONFIG_DIR
+
+    config = yaml.safe_load((CONFIG_DIR / "vit_digits.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "GradientAccumulation" not in c["class_path"]]
+    path = tmp_path / "no_accumulation.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 def test_batchnorm_warns_once_and_does_not_match_the_large_batch():

@@ -127,13 +127,33 @@ class Stop(L.Callback):
             raise RuntimeError("node lost")  # on every rank at once
 
 
+class DataParallelSizes(L.Callback):
+    """What each callback counts as data-parallel processes, and the train loader's replicas (rebuilt by
+    ResumableCheckpoint as a ResumableDataLoader): one definition for all."""
+
+    def __init__(self) -> None:
+        self.sizes: dict = {}
+
+    def on_train_start(self, trainer, pl_module):
+        from lightning_recipes.callbacks import accumulation, lr_schedule
+        from lightning_recipes.callbacks.resumable_loader import ResumableDataLoader
+
+        loader = trainer.train_dataloader
+        self.sizes = {
+            "GradientAccumulation": accumulation._data_parallel_size(trainer),
+            "LRSchedule": lr_schedule._data_parallel_size(trainer),
+            "train loader": loader.sampler.num_replicas if isinstance(loader, ResumableDataLoader) else None,
+            "train loader rank": loader.sampler.rank if isinstance(loader, ResumableDataLoader) else None,
+        }
+
+
 class Writes(L.Callback):
     """Counts the checkpoint files this rank writes through the CheckpointIO (the non-sharded path)."""
 
     def __init__(self) -> None:
         self.count = 0
 
-    def setup(self, trainer, pl_module, stage):
+    def on_train_start(self, trainer, pl_module):  # after every setup: ResumableCheckpoint installs its IO there
         io = trainer.strategy.checkpoint_io
         original = io.save_checkpoint
 
@@ -189,9 +209,9 @@ def _resume(name: str, make_strategy, make_model, root: str, rank: int, out: dic
     _trainer(make_strategy(), root, [RankSeed(), ResumableCheckpoint(dirpath=os.path.join(root, name, "reference"),
              every_n_steps=2)], max_epochs=2, logger=False).fit(reference)  # fmt: skip
     L.seed_everything(0, verbose=False)
-    writes = Writes()
+    writes, sizes = Writes(), DataParallelSizes()
     try:
-        _trainer(make_strategy(), root, [*callbacks(), Stop(), writes], max_epochs=2, logger=False).fit(make_model())
+        _trainer(make_strategy(), root, [*callbacks(), Stop(), writes, sizes], max_epochs=2, logger=False).fit(make_model())
     except RuntimeError as err:
         assert "node lost" in str(err)
     folder = os.path.join(root, name, "run")
@@ -205,6 +225,7 @@ def _resume(name: str, make_strategy, make_model, root: str, rank: int, out: dic
         "on_disk_after_stop": on_disk,
         "layout": layout,
         "writes": writes.count,
+        "data_parallel_sizes": sizes.sizes,
         "steps": trainer.global_step,
         "equal": [torch.equal(_full(a), _full(b)) for a, b in zip(reference.parameters(), resumed.parameters())],
     }
@@ -288,3 +309,10 @@ def test_fsdp2_saves_sharded_directories_atomically_and_resumes_exactly(runs):
     assert fsdp0["layout"] == {"epoch=0-step=4.ckpt": shards, "last.ckpt": shards}
     for result in (fsdp0, fsdp1):
         assert result["steps"] == 12 and all(result["equal"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_every_callback_and_the_train_loader_count_the_same_data_parallel_processes(runs, strategy):
+    for rank in (0, 1):
+        sizes = runs[rank][strategy]["data_parallel_sizes"]
+        assert sizes == {"GradientAccumulation": 2, "LRSchedule": 2, "train loader": 2, "train loader rank": rank}

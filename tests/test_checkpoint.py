@@ -1,5 +1,6 @@
 """ResumableCheckpoint: files on disk, atomic saves, bit-exact resume (in process and after kill -9), SIGTERM, bad files."""
 
+import inspect
 import os
 import random
 import re
@@ -30,6 +31,7 @@ from lightning_recipes.callbacks.checkpoint_io import SafeCheckpointIO
 from lightning_recipes.recipes.vit import main as vit_main
 
 ROOT = Path(__file__).resolve().parents[1]
+FIT_TAKES_WEIGHTS_ONLY = "weights_only" in inspect.signature(L.Trainer.fit).parameters  # Lightning >= 2.6
 
 
 class Noisy(Dataset):
@@ -114,8 +116,11 @@ def _trainer(root, callbacks, epochs=3, **kwargs):
 def _fit(root, callbacks, ckpt_path=None, epochs=3, weights_only=None, model_class=Net, **kwargs):
     L.seed_everything(0, verbose=False)
     model = model_class()
+    if weights_only is not None and not FIT_TAKES_WEIGHTS_ONLY:  # Lightning < 2.6: the plugin's own default
+        kwargs["plugins"] = [SafeCheckpointIO(weights_only=weights_only)]
     trainer = _trainer(root, callbacks, epochs, **kwargs)
-    trainer.fit(model, ckpt_path=ckpt_path, weights_only=weights_only)
+    extra = {"weights_only": weights_only} if FIT_TAKES_WEIGHTS_ONLY else {}
+    trainer.fit(model, ckpt_path=ckpt_path, **extra)
     return model, trainer
 
 
@@ -308,7 +313,8 @@ def test_loading_is_weights_only_unless_asked_otherwise(tmp_path):
     checkpoint["hyper_parameters"] = {"opaque": Opaque()}
     os.remove(path)  # a hard link: write a new file rather than through the kept one
     torch.save(checkpoint, path)
-    with pytest.raises(RuntimeError, match=r"only load with weights_only=False .* pass trainer\.fit\(\.\.\., weights_only=False\)"):
+    fix = r"pass trainer\.fit\(\.\.\., weights_only=False\)" if FIT_TAKES_WEIGHTS_ONLY else r"use SafeCheckpointIO\(weights_only=False\)"
+    with pytest.raises(RuntimeError, match=rf"only load with weights_only=False .* {fix}"):
         _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3)], ckpt_path="last", epochs=2)
     start = StartStep()
     _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3), start], ckpt_path="last", epochs=2, weights_only=False)

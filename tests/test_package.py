@@ -61,3 +61,27 @@ def test_wheel_installs_namespaced_package_with_configs(tmp_path):
     assert probe.returncode == 0, probe.stderr
     module_file, config_found = probe.stdout.split()
     assert Path(module_file).is_relative_to(site) and config_found == "True"
+
+
+def test_the_lowest_versions_ci_stage_installs_exactly_the_declared_floors():
+    import re
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    declared = {}
+    for requirement in tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, floor = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?>=([0-9.]+)", requirement.split(";")[0].strip()).groups()
+        declared[name.lower()] = floor
+    pinned = {}
+    for line in (root / ".ci/lowest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pinned[name.lower()] = version
+    # Every dependency has a floor, and the stage pins each at it (1.24 == 1.24.0).
+    assert set(pinned) == set(declared)
+    for name, floor in declared.items():
+        assert tuple(map(int, pinned[name].split("."))) == tuple(map(int, (floor + ".0.0").split(".")[:3])), name
+    run = (root / ".ci/run").read_text()
+    assert "pip install -c .ci/lowest.txt -e \".[dev]\"" in run and "python -m pytest -q" in run

@@ -69,7 +69,9 @@ class Recorder(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module):
         sampler = trainer.train_dataloader.sampler
         if isinstance(sampler, DistributedSampler):
-            self.seen["orders"][trainer.current_epoch] = {"set_epoch": sampler.epoch, "indices": list(sampler)}
+            # The data modules' ResumableDataLoader yields (index, per-sample seed); Lightning's sampler, indices.
+            indices = [item[0] if isinstance(item, tuple) else item for item in sampler]
+            self.seen["orders"][trainer.current_epoch] = {"set_epoch": sampler.epoch, "indices": indices}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seen["loss"].append(float(outputs["loss"]))
