@@ -420,6 +420,9 @@ def test_a_second_save_waits_for_the_one_in_flight_and_the_wait_is_recorded(tmp_
     assert io.wait_seconds[0] == 0.0 and io.wait_seconds[1] >= 0.2
     io.teardown()
     assert committed == [str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt")]
+    # The second snapshot reused the first one's buffers (same shapes) only once the first file was written.
+    assert torch.equal(torch.load(tmp_path / "a.ckpt", weights_only=True)["state_dict"]["w"], torch.zeros(3))
+    assert torch.equal(torch.load(tmp_path / "b.ckpt", weights_only=True)["state_dict"]["w"], torch.ones(3))
     with pytest.raises(TypeError, match=r"storage_options=\{'bucket': 'x'\}\): the only option is"):
         io.save_checkpoint(_state(torch.ones(3)), tmp_path / "c.ckpt", storage_options={"bucket": "x"})
 
