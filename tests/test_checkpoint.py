@@ -435,6 +435,40 @@ def test_an_error_in_the_background_write_reaches_the_training_loop(tmp_path):
         io.wait()
 
 
+class OwnStatefulLoader(DataLoader):
+    """A user's own resumable loader (as torchdata's StatefulDataLoader): used as it is, restored by Lightning."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loaded = None
+
+    def state_dict(self) -> dict:
+        return {"mine": 42}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded = state
+
+
+class OwnLoaderNet(Net):
+    def train_dataloader(self):
+        self.loader = OwnStatefulLoader(Noisy(), batch_size=self.batch_size, shuffle=True)
+        return self.loader
+
+
+def test_a_loader_with_its_own_state_is_used_as_is_and_lightning_restores_it(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "cannot be made resumable" warning either
+        model, trainer = _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3, keep_last=3)], epochs=1,
+                              model_class=OwnLoaderNet)  # fmt: skip
+    assert trainer.train_dataloader is model.loader  # not rebuilt
+    middle = tmp_path / "checkpoints/epoch=0-step=6.ckpt"  # mid-epoch: Lightning restores loader states there
+    saved = torch.load(middle, weights_only=True)
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"mine": 42}]
+    resumed, _ = _fit(tmp_path, [ResumableCheckpoint(every_n_steps=3)], ckpt_path=str(middle), epochs=1,
+                      model_class=OwnLoaderNet)  # fmt: skip
+    assert resumed.loader.loaded == {"mine": 42}
+
+
 def test_validate_from_a_checkpoint_leaves_nothing_behind_for_a_later_fit(tmp_path):
     # Lightning >= 2.5 restores callback state in validate/test too. A checkpoint written by SIGTERM inside an
     # accumulation window holds RNG states, half a window's gradients and a data position: none may leak into a
