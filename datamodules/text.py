@@ -17,6 +17,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_recipes.callbacks.resumable_loader import ResumableDataLoader
 from lightning_recipes.datamodules.base import check_number
 
 #: Folders of the standard library left out of the default corpus: test suites, IDLE, installed packages.
@@ -50,8 +51,8 @@ class TokenWindows(Dataset):
     Index ``i`` is the slot of tokens ``[i*T, (i+1)*T)``, ``T = context_length``: one epoch visits every slot once.
     With ``random_offset`` (training) the window starts at a random place inside its slot, drawn from torch's global
     RNG, so over the epochs every token position starts windows; without (validation) the windows are fixed and do
-    not overlap. ``ResumableCheckpoint`` seeds that RNG per sample from (seed, epoch, position in the epoch), so a
-    resumed run draws the very same windows; without it the draws follow ``seed_everything``.
+    not overlap. The training loader (a ``ResumableDataLoader``) seeds that RNG per window from (seed, epoch, position
+    in the epoch), so a run resumed mid-epoch draws the very same windows.
     """
 
     def __init__(self, tokens: np.ndarray, context_length: int, *, random_offset: bool) -> None:
@@ -303,7 +304,11 @@ class TextDataModule(LightningDataModule):
     def _loader(self, tokens: Optional[np.ndarray], *, train: bool) -> DataLoader:
         if tokens is None:
             raise RuntimeError("TextDataModule.setup() has not run yet; call setup() first.")
-        return DataLoader(
+        # Training: a ResumableDataLoader (as the image data modules), whose position in the epoch and seed are its
+        # own state_dict, saved in every checkpoint: a mid-epoch resume continues with the same windows. Under
+        # overfit_batches Lightning swaps in a SequentialSampler, which only a plain DataLoader accepts.
+        resumable = train and not (self.trainer is not None and self.trainer.overfit_batches > 0)
+        return (ResumableDataLoader if resumable else DataLoader)(
             TokenWindows(tokens, self.context_length, random_offset=train),
             batch_size=self.batch_size,
             shuffle=train,
