@@ -13,6 +13,7 @@ from typing_extensions import override
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -22,6 +23,7 @@ __all__ = ["GradientAccumulation"]
 
 SCHEDULE_UNITS = ("epoch", "step")
 PARTIAL_WINDOWS = ("mean", "drop")
+WEIGHTS = ("samples", "tokens")
 
 
 def _is_int(value: Any) -> bool:
@@ -112,6 +114,19 @@ class GradientAccumulation(Callback):
     dimension (the size Lightning's ``extract_batch_size`` finds); under DDP every process must see the same number
     of samples per window, as ``DistributedSampler`` ensures.
 
+    **Per-token windows** (``weight_by="tokens"``, for language models). A token-level loss is a mean over the
+    micro-batch's loss-bearing tokens, and micro-batches carry different numbers of them (padding / ``ignore_index``
+    targets, ragged documents): the mean of micro-batch means is then not the mean over the window's tokens (the
+    "gradient accumulation bug" Hugging Face's Trainer fixed in 2024). In this mode every window's gradient is the
+    mean over all its loss-bearing tokens, on every process together: each micro-batch's loss is weighted by its
+    token count, and before the window's last backward one all-reduce of the window's token total (under DDP)
+    fixes the scale. Contract: ``training_step`` returns the mean over the micro-batch's loss-bearing tokens (what
+    ``F.cross_entropy(logits, targets, ignore_index=...)`` returns), and ``count_tokens(batch)`` counts them: by
+    default the targets (``batch["labels"]`` or ``batch["targets"]`` of a dict, else the last element of a tuple
+    or list) that are not ``ignore_index``; override ``count_tokens`` in a subclass for other batches. Runs in a
+    single process and under DDP (which defers the all-reduce to the window's last backward); other multi-process
+    strategies are refused. ``global_batch_size`` still counts samples (it sets ``k``).
+
     **Schedule.** ``schedule={start: global batch size}`` grows the global batch from epoch (``schedule_unit=
     "epoch"``) or optimizer step (``"step"``) ``start``; sizes must not decrease. A step-based change takes effect at
     the first window start at or after ``start`` whose batch index is a multiple of the new ``k``. With a schedule
@@ -137,6 +152,9 @@ class GradientAccumulation(Callback):
         schedule_unit: ``"epoch"`` or ``"step"``: what the schedule's keys count.
         partial_window: ``"mean"`` (exact mean over the window's samples) or ``"drop"``.
         log_every_n_steps: Log every this many optimizer steps; default: ``Trainer(log_every_n_steps)``.
+        weight_by: ``"samples"`` (every sample of a window weighs the same) or ``"tokens"`` (every loss-bearing
+            token does; see above).
+        ignore_index: With ``weight_by="tokens"``: the target value that bears no loss (``count_tokens``).
     """
 
     def __init__(
@@ -148,8 +166,14 @@ class GradientAccumulation(Callback):
         schedule_unit: str = "epoch",
         partial_window: str = "mean",
         log_every_n_steps: Optional[int] = None,
+        weight_by: str = "samples",
+        ignore_index: int = -100,
     ) -> None:
         super().__init__()
+        if weight_by not in WEIGHTS:
+            raise ValueError(f"`weight_by` must be one of {', '.join(map(repr, WEIGHTS))}, got {weight_by!r}")
+        if not _is_int(ignore_index):
+            raise ValueError(f"`ignore_index` must be an integer (a target value that bears no loss), got {ignore_index!r}")
         for name, value in (
             ("global_batch_size", global_batch_size),
             ("micro_batch_size", micro_batch_size),
@@ -189,6 +213,8 @@ class GradientAccumulation(Callback):
         self.schedule_unit = schedule_unit
         self.partial_window = partial_window
         self.log_every_n_steps = log_every_n_steps
+        self.weight_by = weight_by
+        self.ignore_index = ignore_index
         #: ``(start, k)`` resolved at setup, sorted by start.
         self.ks: list[tuple[int, int]] = []
         self.samples_seen = 0
@@ -198,7 +224,7 @@ class GradientAccumulation(Callback):
         self._trainer_k: Optional[int] = None  # the value we found on the Trainer, restored at teardown
         self._trainer_max_steps: Optional[int] = None
         self._window = _Window()
-        self._loss_factor = 1.0
+        self._loss_factor: Any = 1.0  # a float, or a tensor (per-token windows: no host sync)
         self._loaded: Optional[dict[str, Any]] = None
 
     @property
@@ -228,6 +254,12 @@ class GradientAccumulation(Callback):
         if trainer.strategy.handles_gradient_accumulation:
             raise MisconfigurationException(
                 f"{mine} cannot drive {type(trainer.strategy).__name__}, which accumulates gradients itself"
+            )
+        if self.weight_by == "tokens" and trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
+            raise MisconfigurationException(
+                f"GradientAccumulation(weight_by='tokens') with {type(trainer.strategy).__name__}: per-token windows"
+                " need gradients that stay local until the window's last backward, as under DDP; use"
+                " weight_by='samples' or DDP"
             )
         if not pl_module.automatic_optimization:
             raise MisconfigurationException(
@@ -309,7 +341,11 @@ class GradientAccumulation(Callback):
         if loaded:
             self._k = int(loaded["k"])
             self.samples_seen = int(loaded["samples_seen"])
-            self._window = _Window(**loaded["window"])
+            window = dict(loaded["window"])
+            for key in ("first_tokens", "tokens"):
+                if isinstance(window.get(key), torch.Tensor):
+                    window[key] = window[key].to(pl_module.device)
+            self._window = _Window(**window)
         trainer.accumulate_grad_batches = self._k
 
     @override
@@ -330,11 +366,68 @@ class GradientAccumulation(Callback):
             window.first = size
         window.samples += size
         window.micro_batches += 1
-        self._loss_factor = size / window.first
+        if self.weight_by == "tokens":
+            self._loss_factor = self._token_factor(trainer, pl_module, batch, batch_idx, k)
+        else:
+            self._loss_factor = size / window.first
+
+    def count_tokens(self, batch: Any) -> torch.Tensor:
+        """The loss-bearing tokens of a micro-batch (``weight_by="tokens"``): targets that are not ``ignore_index``.
+
+        The targets are ``batch["labels"]`` or ``batch["targets"]`` of a dict, else the last element of a tuple or
+        list. Override this in a subclass for another batch layout; return an integer tensor (or an int).
+        """
+        if isinstance(batch, dict):
+            key = next((key for key in ("labels", "targets") if key in batch), None)
+            if key is None:
+                raise MisconfigurationException(
+                    f"GradientAccumulation.count_tokens: a dict batch needs 'labels' or 'targets', got {sorted(batch)};"
+                    " override count_tokens for this layout"
+                )
+            targets = batch[key]
+        elif isinstance(batch, (list, tuple)) and batch:
+            targets = batch[-1]
+        else:
+            raise MisconfigurationException(
+                f"GradientAccumulation.count_tokens: cannot find the targets in a {type(batch).__name__}; override"
+                " count_tokens for this layout"
+            )
+        return (targets != self.ignore_index).sum()
+
+    def _token_factor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                      k: int) -> torch.Tensor:  # fmt: skip
+        """What this micro-batch's loss (Lightning divided it by ``k``) is multiplied by.
+
+        Until the window's last micro-batch the gradients hold ``sum_i n_i g_i / c`` (``n_i`` tokens of micro-batch
+        ``i``, ``g_i`` its mean gradient, ``c`` the window's first count on this process: a local scale that keeps
+        them near unit size). Before the last backward, the window's token total over all processes ``N`` is
+        all-reduced, the gradients are rescaled by ``c W / N`` and the last loss weighted ``n W / N``: DDP's mean over
+        the ``W`` processes then yields ``sum n g / N`` over every token of the window.
+        """
+        window = self._window
+        count = torch.as_tensor(self.count_tokens(batch), device=pl_module.device).to(torch.float64)
+        if window.tokens is None:
+            window.first_tokens, window.tokens = count.clamp(min=1), torch.zeros_like(count)
+        window.tokens = window.tokens + count
+        last = (batch_idx + 1) % k == 0 or batch_idx + 1 == trainer.num_training_batches
+        if not last:
+            return k * count / window.first_tokens
+        total = trainer.strategy.reduce(window.tokens.clone(), reduce_op="sum") if trainer.world_size > 1 else window.tokens
+        scale = self._replicas / total.clamp(min=1)
+        if window.micro_batches > 1:
+            correction = window.first_tokens * scale
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(correction.to(p.grad.dtype))
+        window.global_tokens = total
+        return k * count * scale
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if self._loss_factor != 1.0:
+        if isinstance(self._loss_factor, torch.Tensor):
+            loss.mul_(self._loss_factor.to(loss.dtype))  # per-token windows; see `_token_factor`
+        elif self._loss_factor != 1.0:
             # Lightning divided the loss by k; a batch of a different size than the window's first one gets its
             # share of the window mean instead. In place: Lightning backpropagates through this very tensor, and
             # nothing saved its value for the graph (it is the output of the division by k).
@@ -350,7 +443,7 @@ class GradientAccumulation(Callback):
         if self.partial_window == "drop" and window.micro_batches < k:
             for p in params:
                 p.grad = None  # torch optimizers skip parameters without a gradient: no update, state untouched
-        else:
+        elif self.weight_by == "samples":
             correction = k * window.first / window.samples
             if correction != 1.0:
                 with torch.no_grad():
@@ -367,6 +460,8 @@ class GradientAccumulation(Callback):
                 "accumulation/samples_seen": float(self.samples_seen),
                 "accumulation/micro_batches": float(window.micro_batches),
             }
+            if window.global_tokens is not None:  # a host sync, on logging steps only
+                metrics["accumulation/global_tokens"] = float(window.global_tokens)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
 
@@ -389,7 +484,8 @@ class GradientAccumulation(Callback):
         return {
             "k": self._k,
             "samples_seen": self.samples_seen,
-            "window": {"first": window.first, "samples": window.samples, "micro_batches": window.micro_batches},
+            "window": {"first": window.first, "samples": window.samples, "micro_batches": window.micro_batches,
+                       "first_tokens": window.first_tokens, "tokens": window.tokens},  # fmt: skip
         }
 
     @override
@@ -419,5 +515,10 @@ class GradientAccumulation(Callback):
 class _Window:
     """Samples and micro-batches of the accumulation window in progress; ``first`` is its first batch's size."""
 
-    def __init__(self, first: int = 0, samples: int = 0, micro_batches: int = 0) -> None:
+    def __init__(self, first: int = 0, samples: int = 0, micro_batches: int = 0,
+                 first_tokens: Optional[torch.Tensor] = None, tokens: Optional[torch.Tensor] = None) -> None:  # fmt: skip
         self.first, self.samples, self.micro_batches = first, samples, micro_batches
+        # Per-token windows: the first micro-batch's and the running token count on this process, and the
+        # window's total over all processes once its last micro-batch started.
+        self.first_tokens, self.tokens = first_tokens, tokens
+        self.global_tokens: Optional[torch.Tensor] = None

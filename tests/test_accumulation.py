@@ -325,3 +325,85 @@ def test_a_scheduler_built_before_the_loader_is_known_is_warned_about():
                       r" after configure_optimizers: .* instead of 4\. Pass GradientAccumulation\(micro_batch_size=8\)"):
         trainer.fit(WithScheduler(), train_dataloaders=DataLoader(DATA, batch_size=8))
     assert trainer.global_step == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-token windows (weight_by="tokens"): a language model's loss is a mean over loss-bearing tokens.
+# ---------------------------------------------------------------------------------------------------------------
+
+VOCAB, LENGTH, IGNORE = 11, 6, -100
+
+
+def _ragged_tokens(n: int = 14) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token sequences whose targets are padded (IGNORE) to very different lengths: 1 to LENGTH loss tokens each."""
+    g = torch.Generator().manual_seed(5)
+    inputs = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    targets = torch.randint(0, VOCAB, (n, LENGTH), generator=g)
+    keep = torch.tensor([1, 6, 2, 6, 1, 5, 3, 6, 1, 2, 6, 4, 1, 6])[:n]
+    targets[torch.arange(LENGTH)[None, :] >= keep[:, None]] = IGNORE
+    return inputs, targets
+
+
+class TinyLM(L.LightningModule):
+    """Embedding + linear head in float64; the loss is the mean over the micro-batch's loss-bearing tokens."""
+
+    def __init__(self, batch_size: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Embedding(VOCAB, 8), nn.Tanh(), nn.Linear(8, VOCAB)).double()
+        self.batch_size = batch_size
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.cross_entropy(self.net(inputs).flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(*_ragged_tokens()), batch_size=self.batch_size)
+
+
+def _token_reference(k: int, micro: int) -> list[torch.Tensor]:
+    """One SGD step per window of k micro-batches: the mean over every loss-bearing token of the window."""
+    inputs, targets = _ragged_tokens()
+    model = TinyLM().net
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for start in range(0, len(inputs), k * micro):  # 14 sequences, windows of 3 x 2: 6, 6 and a partial 2
+        x, y = inputs[start : start + k * micro], targets[start : start + k * micro]
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=IGNORE).backward()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _fit_tokens(weight_by: str) -> list[torch.Tensor]:
+    model = TinyLM()
+    callback = GradientAccumulation(global_batch_size=6, weight_by=weight_by)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, callbacks=[callback], accelerator="cpu")  # fmt: skip
+    trainer.fit(model)
+    assert trainer.global_step == 3
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_token_weighted_windows_equal_one_large_batch_over_all_tokens_and_sample_weighting_does_not():
+    reference = _token_reference(k=3, micro=2)
+    tokens = _fit_tokens("tokens")
+    samples = _fit_tokens("samples")
+    exact = max(float((a - b).abs().max()) for a, b in zip(tokens, reference))
+    off = max(float((a - b).abs().max()) for a, b in zip(samples, reference))
+    print(f"\nfloat64, ragged tokens: max |token-weighted - large batch| = {exact:.2e}; sample-weighted: {off:.2e}")
+    assert exact <= 1e-12
+    assert off > 1e-3  # the mean of micro-batch means weighs a 1-token sequence like a 6-token one
+
+
+def test_count_tokens_reads_labels_and_targets_and_says_what_it_cannot_read():
+    callback = GradientAccumulation(weight_by="tokens", ignore_index=-1)
+    targets = torch.tensor([[3, -1, -1], [1, 2, -1]])
+    assert int(callback.count_tokens((torch.zeros(2, 3), targets))) == 3
+    assert int(callback.count_tokens({"input_ids": targets, "labels": targets})) == 3
+    with pytest.raises(MisconfigurationException, match=r"a dict batch needs 'labels' or 'targets', got \['x'\]"):
+        callback.count_tokens({"x": targets})
+    with pytest.raises(ValueError, match=r"`weight_by` must be one of 'samples', 'tokens', got 'words'"):
+        GradientAccumulation(weight_by="words")

@@ -200,6 +200,36 @@ def _accumulation(rank: int, out: dict) -> None:
     }
 
 
+def _token_accumulation(rank: int, out: dict) -> None:
+    from test_accumulation import TinyLM
+
+    # 14 ragged sequences, 7 per rank in micro-batches of 2; global batch 8 -> k = 2: windows of 2 and 2 batches.
+    callbacks = [GradientAccumulation(global_batch_size=8, weight_by="tokens")]
+    trainer = _trainer(DDPStrategy(process_group_backend="gloo"), None, callbacks, max_epochs=1, logger=False,
+                       enable_checkpointing=False)  # fmt: skip
+    model = TinyLM()
+    trainer.fit(model)
+    out["tokens"] = {"steps": trainer.global_step, "params": [p.detach().flatten().tolist() for p in model.parameters()]}
+
+
+def _token_reference() -> list[torch.Tensor]:
+    """One process: per window, the mean over every loss-bearing token of both ranks' micro-batches."""
+    from test_accumulation import IGNORE, TinyLM, _ragged_tokens
+
+    inputs, targets = _ragged_tokens()
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0)).tolist()
+    per_rank = [order[0::2], order[1::2]]
+    model = TinyLM().net
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for start in (0, 4):
+        index = per_rank[0][start : start + 4] + per_rank[1][start : start + 4]
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(inputs[index]).flatten(0, 1), targets[index].flatten(), ignore_index=IGNORE)
+        loss.backward()
+        optimizer.step()
+    return [p.detach().flatten() for p in model.parameters()]
+
+
 def _resume(name: str, make_strategy, make_model, root: str, rank: int, out: dict) -> None:
     def callbacks():
         return [RankSeed(), ResumableCheckpoint(dirpath=os.path.join(root, name, "run"), every_n_steps=2)]
@@ -239,6 +269,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     out: dict = {}
     _accumulation(rank, out)
+    _token_accumulation(rank, out)
     _resume("ddp", lambda: DDPStrategy(process_group_backend="gloo"), Net, out_dir, rank, out)
     fsdp = lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)  # noqa: E731
     _resume("fsdp2", fsdp, ShardedNet, out_dir, rank, out)
@@ -316,3 +347,13 @@ def test_every_callback_and_the_train_loader_count_the_same_data_parallel_proces
     for rank in (0, 1):
         sizes = runs[rank][strategy]["data_parallel_sizes"]
         assert sizes == {"GradientAccumulation": 2, "LRSchedule": 2, "train loader": 2, "train loader rank": rank}
+
+
+def test_ddp_token_weighted_windows_are_the_mean_over_every_token_of_both_ranks(runs):
+    reference = _token_reference()
+    for rank in (0, 1):
+        result = runs[rank]["tokens"]
+        assert result["steps"] == 2
+        worst = max(float((torch.tensor(mine, dtype=torch.float64) - ref).abs().max())
+                    for mine, ref in zip(result["params"], reference))  # fmt: skip
+        assert worst <= 1e-12, worst
