@@ -23,7 +23,6 @@ Copy this one file into your project: it needs torch and lightning only.
 
 from __future__ import annotations
 
-import io
 import mmap
 import os
 import threading
