@@ -78,8 +78,9 @@ def _crc_problem(members: list[tuple[str, int, int, int]], data: memoryview) -> 
     return None
 
 
-def _checked_load(path: str, *, map_location: Any, weights_only: bool) -> tuple[Any, Optional[str]]:
-    """Unpickles the file while a second thread checks every CRC-32 of it; (content, None) or (None, the problem).
+def _checked_load(path: str, *, map_location: Any, weights_only: bool, memory_map: bool = False) -> tuple[Any, Optional[str]]:
+    """Unpickles the file while a second thread checks every CRC-32 of it; (content, None) or (None, the problem),
+    the problem including "not a Lightning training checkpoint".
 
     The zip structure is checked first (cheap). The CRCs, a full pass over the memory-mapped bytes, run beside
     ``torch.load``, so a checked load costs about one pass over the file, as an unchecked one does; a failed CRC
@@ -102,12 +103,14 @@ def _checked_load(path: str, *, map_location: Any, weights_only: bool) -> tuple[
                 checker.start()
                 try:
                     file.seek(0)
-                    content, problem = _unpickle(file, map_location=map_location, weights_only=weights_only)
+                    source = path if memory_map else file  # torch memory-maps by name (a check only, never the load)
+                    content, problem = _unpickle(source, map_location=map_location, weights_only=weights_only,
+                                                 memory_map=memory_map)  # fmt: skip
                 finally:
                     checker.join()
                 if result[0] is not None:  # corrupted bytes: whatever unpickled from them does not count
                     return None, result[0]
-                return content, problem
+                return content, problem or _content_problem(content, sharded=False)
             finally:
                 view.release()
 
@@ -120,10 +123,10 @@ def _content_problem(content: Any, *, sharded: bool) -> Optional[str]:
     return None
 
 
-def _unpickle(source: Any, *, map_location: Any, weights_only: bool) -> tuple[Any, Optional[str]]:
-    """``torch.load``; (content, None), or (None, the problem)."""
+def _unpickle(source: Any, *, map_location: Any, weights_only: bool, memory_map: bool = False) -> tuple[Any, Optional[str]]:
+    """``torch.load``; (content, None), or (None, the problem). ``memory_map`` (a path only): tensors are not read."""
     try:
-        return torch.load(source, map_location=map_location, weights_only=weights_only), None
+        return torch.load(source, map_location=map_location, weights_only=weights_only, mmap=memory_map), None
     except Exception as err:  # noqa: BLE001 - any failure to unpickle is the answer
         if "weights_only" in str(err) or "Weights only load failed" in str(err):
             first_line = str(err).strip().splitlines()[0]
@@ -157,8 +160,8 @@ def checkpoint_problem(path: str, *, weights_only: bool = True) -> Optional[str]
         return problem or _content_problem(content, sharded=True)
     if not os.path.isfile(path):
         return "no such file"
-    content, problem = _checked_load(path, map_location="cpu", weights_only=weights_only)
-    return problem or _content_problem(content, sharded=False)
+    # Memory-mapped: the CRCs read every byte, the unpickling only the structure (not a second copy of the tensors).
+    return _checked_load(path, map_location="cpu", weights_only=weights_only, memory_map=True)[1]
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -315,7 +318,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Cannot resume from checkpoint {path}: no such file")
         content, problem = _checked_load(path, map_location=map_location, weights_only=weights_only)
-        problem = problem or _content_problem(content, sharded=False)
         if problem is not None:
             raise RuntimeError(f"Cannot resume from checkpoint {path}: {problem}")
         return content

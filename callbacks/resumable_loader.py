@@ -253,19 +253,19 @@ class ResumableDataLoader(DataLoader):
             return
         sampler: _ResumableSampler = self.sampler  # type: ignore[assignment]
         grouped = dist.is_available() and dist.is_initialized()
-        if self._options["num_replicas"] is None:
-            sampler.num_replicas = dist.get_world_size() if grouped else 1
-        if self._options["rank"] is None:
-            sampler.rank = dist.get_rank() if grouped else 0
-        if self._options["seed"] is None:
-            sampler.seed = _default_seed()
-        # DistributedSampler computes its lengths from num_replicas in __init__: recompute them.
-        n = len(sampler.dataset)  # type: ignore[arg-type]
-        if sampler.drop_last and n % sampler.num_replicas:
-            sampler.num_samples = (n - sampler.num_replicas) // sampler.num_replicas + 1
-        else:
-            sampler.num_samples = -(-n // sampler.num_replicas)
-        sampler.total_size = sampler.num_samples * sampler.num_replicas
+        options = self._options
+        epoch, skip = sampler.epoch, sampler.skip
+        # DistributedSampler derives its lengths from num_replicas in __init__: run it again with the resolved values.
+        DistributedSampler.__init__(
+            sampler,
+            sampler.dataset,
+            num_replicas=options["num_replicas"] or (dist.get_world_size() if grouped else 1),
+            rank=options["rank"] if options["rank"] is not None else (dist.get_rank() if grouped else 0),
+            shuffle=sampler.shuffle,
+            seed=options["seed"] if options["seed"] is not None else _default_seed(),
+            drop_last=sampler.drop_last,
+        )
+        sampler.epoch, sampler.skip = epoch, skip
         self._resolved = True
 
     def __len__(self) -> int:
