@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -304,3 +305,75 @@ def test_ddp_and_fsdp2_in_two_processes_train_the_same_model_and_fsdp2_resumes_e
     for rank in ranks:
         assert rank["ddp"]["val"]["val/loss"] == pytest.approx(single["val/loss"], abs=1e-6)
         assert rank["ddp"]["val"]["val/bpb"] == pytest.approx(single["val/loss"] / math.log(2), abs=1e-6)
+
+
+# The GPT default (`python recipes/gpt.py fit`: gpt_stdlib.yaml, this Python's standard library) killed with -9
+# mid-epoch, then `--ckpt_path last`: the same weights and AdamW state as a run never interrupted. Sized down
+# (1 block x 32, context 32, 12 steps) by a copy of the default config, everything else as shipped.
+KILL_AT = 6  # PauseAfterCheckpoint: the first batch after the step-6 checkpoint
+
+
+def _default_config_sized_down(path: Path, extra_callbacks: list[dict]) -> Path:
+    import yaml
+
+    config = yaml.safe_load((ROOT / "recipes/configs/gpt_stdlib.yaml").read_text())
+    config["trainer"].update(max_steps=12, val_check_interval=12, limit_val_batches=2, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    (checkpoint,) = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("ResumableCheckpoint")]
+    checkpoint["init_args"]["every_n_steps"] = 3
+    config["trainer"]["callbacks"] += extra_callbacks
+    config["model"].update(depth=1, width=32, heads=2, dropout=0.1, sample_length=0)
+    config["data"]["init_args"].update(context_length=32, batch_size=4)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _gpt_in_process(config: Path, *args: str) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the killed subprocess (OMP_NUM_THREADS=1): same kernels, same rounding
+    try:
+        gpt_main(["fit", f"--config={config}", *args])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_default_config_then_ckpt_path_last_ends_with_equal_weights(tmp_path, monkeypatch):
+    from test_checkpoint import HELPERS
+
+    (tmp_path / "kill_helpers.py").write_text(HELPERS)
+    killed, reference = tmp_path / "killed", tmp_path / "reference"
+    killed.mkdir(), reference.mkdir()
+    pause = {"class_path": "kill_helpers.PauseAfterCheckpoint",
+             "init_args": {"step": KILL_AT, "marker": str(killed / "marker")}}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}  # fmt: skip
+    config = _default_config_sized_down(killed / "run.yaml", [pause])
+    with open(killed / "log.txt", "w") as log:
+        process = subprocess.Popen([sys.executable, str(ROOT / "recipes/gpt.py"), "fit", f"--config={config}"],
+                                   cwd=killed, env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        monkeypatch.chdir(reference)  # the CLI writes config.yaml and runs/ into the working directory
+        _gpt_in_process(_default_config_sized_down(reference / "run.yaml", []))
+    finally:
+        deadline = time.monotonic() + 240
+        while not (killed / "marker").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        process.kill()  # SIGKILL: no handler, no finally, no flush
+        process.wait()
+    assert (killed / "marker").exists(), f"never reached the kill point:\n{(killed / 'log.txt').read_text()[-3000:]}"
+    checkpoints = killed / "runs/gpt_stdlib/checkpoints"
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["global_step"] == KILL_AT
+    assert last["loops"]["fit_loop"]["epoch_progress"]["current"]["completed"] == 0  # mid-epoch
+
+    monkeypatch.chdir(killed)
+    _gpt_in_process(_default_config_sized_down(killed / "resume.yaml", []), "--ckpt_path", "last")
+    resumed = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    expected = torch.load(reference / "runs/gpt_stdlib/checkpoints/last.ckpt", weights_only=True)
+    assert resumed["global_step"] == expected["global_step"] == 12
+    assert resumed["state_dict"].keys() == expected["state_dict"].keys()
+    for name, tensor in expected["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], tensor), name
+    for mine, theirs in zip(resumed["optimizer_states"][0]["state"].values(), expected["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
