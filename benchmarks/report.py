@@ -29,17 +29,43 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 T = TypeVar("T")
 
 
-def interleave(candidates: dict[str, Callable[[], T]], *, reps: int) -> dict[str, list[T]]:
-    """Runs every candidate once per repetition, in the same order each time (A, B, C, A, B, C, ...).
+def interleave(candidates: dict[str, Callable[[], T]], *, reps: int, rotate: bool = False) -> dict[str, list[T]]:
+    """Runs every candidate once per repetition (a block), blocks back to back (A, B, C, A, B, C, ...).
 
-    On a shared, noisy machine a slow minute then hits every candidate alike, so the per-repetition ratios stay
+    On a shared, noisy machine a slow minute then hits every candidate alike, so the per-block ratios stay
     meaningful where two separate blocks of runs (AAA... then BBB...) would compare two different minutes.
+    ``rotate=True`` starts each block one candidate later (ABC, BCA, CAB, ...), so that no candidate always runs
+    first after a set-up or always right after a particular other one: position effects (a cache warmed by the
+    previous candidate, the allocator's state) average out over every group of ``len(candidates)`` blocks.
     """
-    results: dict[str, list[T]] = {name: [] for name in candidates}
-    for _ in range(reps):
-        for name, run in candidates.items():
-            results[name].append(run())
+    names = list(candidates)
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for rep in range(reps):
+        shift = rep % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            results[name].append(candidates[name]())
     return results
+
+
+def bootstrap_interval(
+    values: Sequence[float], *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the median of ``values`` (one paired ratio per interleaved block).
+
+    Resamples the blocks with replacement ``resamples`` times and takes the ``(1 - level) / 2`` and
+    ``(1 + level) / 2`` quantiles of the resampled medians. Blocks, not single steps, are the unit: steps within
+    a block share the machine's state of that minute and are not independent. Seeded, so a report reproduces.
+    """
+    import random
+
+    if len(values) < 2:
+        raise ValueError(f"a bootstrap interval needs at least 2 blocks, got {len(values)}")
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    low = medians[int(math.floor((1 - level) / 2 * (resamples - 1)))]
+    high = medians[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
+    return low, high
 
 
 def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
@@ -62,6 +88,8 @@ class Figure:
     goal: Optional[tuple[str, float]] = None
     note: str = ""
     every: bool = False
+    #: 95 % bootstrap interval of the median (``bootstrap_interval``), for figures that are per-block ratios.
+    interval: Optional[tuple[float, float]] = None
 
     def __post_init__(self) -> None:
         if not self.values:
@@ -82,6 +110,21 @@ class Figure:
             return all(_OPS[op](v, threshold) for v in self.values)
         return bool(_OPS[op](statistics.median(self.values), threshold))
 
+    @property
+    def resolved(self) -> Optional[bool]:
+        """Whether the interval lies wholly on one side of the goal's threshold (None: no goal or no interval).
+
+        ``met`` judges the median; ``resolved=False`` says the machine's noise is larger than the distance between
+        the median and the goal, so "met" or "missed" is not established by this run.
+        """
+        if self.goal is None or self.interval is None or self._every:
+            return None
+        op, threshold = self.goal
+        low, high = self.interval
+        # "<=": met for certain when even the high end is within the goal, missed for certain when the low end is not.
+        inside, outside = (high, low) if op == "<=" else (low, high)
+        return bool(_OPS[op](inside, threshold)) if self.met else not _OPS[op](outside, threshold)
+
     def summary(self) -> dict:
         return {
             "unit": self.unit,
@@ -92,6 +135,8 @@ class Figure:
             "goal": None if self.goal is None else f"{self.goal[0]} {self.goal[1]:g}",
             "goal_applies_to": None if self.goal is None else ("every value" if self._every else "median"),
             "met": self.met,
+            "interval_95": None if self.interval is None else list(self.interval),
+            "resolved": self.resolved,
             "note": self.note,
         }
 
@@ -133,13 +178,16 @@ def _fmt(value: float) -> str:
 
 
 def table(figures: Sequence[Figure]) -> str:
-    lines = ["| figure | min | median | max | goal | met? |", "|---|---|---|---|---|---|"]
+    lines = ["| figure | min | median | max | 95 % interval of the median | goal | met? |", "|---|---|---|---|---|---|---|"]
     for f in figures:
         unit = f" ({f.unit})" if f.unit else ""
         goal = "" if f.goal is None else f"{f.goal[0]} {f.goal[1]:g}"
         met = {None: "", True: "yes", False: "**no**"}[f.met]
+        if f.met is not None and f.resolved is False:
+            met += " (not resolved)"
         values = [_fmt(v) for v in (min(f.values), statistics.median(f.values), max(f.values))]
-        lines.append(f"| {f.name}{unit} | {' | '.join(values)} | {goal} | {met} |")
+        interval = "" if f.interval is None else f"{_fmt(f.interval[0])} – {_fmt(f.interval[1])}"
+        lines.append(f"| {f.name}{unit} | {' | '.join(values)} | {interval} | {goal} | {met} |")
     return "\n".join(lines)
 
 
