@@ -15,6 +15,14 @@ seeded from (seed, epoch, position in the epoch's global order). A sample theref
 whichever worker loads it, before or after a resume. (The order and augmentations differ from a plain
 ``DataLoader``'s, which draws them from the global RNG; they are equally random.)
 
+``repeated_augmentations=k`` (k > 1) is repeated augmentation (Hoffer et al., 2020; DeiT), in the order of
+torchvision's ``RASampler`` (references/classification/sampler.py; timm's ``RepeatAugSampler`` with
+``selected_round=256``): each epoch's permutation repeats every index k times in a row, is padded to a multiple of
+the replicas and dealt out round-robin, so the k copies of an image go to k consecutive ranks; each rank keeps the
+first ``len(dataset) // 256 * 256 / num_replicas`` of its share. An epoch thus still has about ``len(dataset)``
+samples over all ranks but about ``len(dataset) / k`` distinct images. The seeds are by position, so the k copies
+are augmented differently.
+
 Worker processes ignore SIGTERM and SIGUSR1 (SLURM and torchrun signal the whole process group): the main process
 decides when to stop, saves, and its workers end with it.
 """
@@ -69,6 +77,15 @@ def _default_seed() -> int:
         dist.broadcast_object_list(box, src=0)
         seed = int(box[0])
     return seed
+
+
+def _check_repeated_length(size: int, num_replicas: int, repetitions: int) -> None:
+    if _repeated_length(size, num_replicas) == 0:
+        raise ValueError(
+            f"ResumableDataLoader(repeated_augmentations={repetitions}): a dataset of {size} samples gives an empty"
+            f" epoch on {num_replicas} process(es): like torchvision's RASampler, an epoch is len(dataset) // 256 * 256"
+            " / num_replicas samples per process; use at least 256 samples per process, or repeated_augmentations=1"
+        )
 
 
 class _IgnoreStopSignals:
@@ -128,17 +145,43 @@ class _SeededDataset(Dataset):
         return self.dataset[index]
 
 
+def _repeated_length(size: int, num_replicas: int) -> int:
+    """Samples per rank and epoch under repeated augmentation: torchvision's ``RASampler.num_selected_samples``."""
+    return size // 256 * 256 // num_replicas
+
+
 class _ResumableSampler(DistributedSampler):
-    """``DistributedSampler``'s order, yielding ``(index, sample seed)`` from batch ``skip`` on."""
+    """``DistributedSampler``'s order (or ``RASampler``'s), yielding ``(index, sample seed)`` from batch ``skip`` on."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, shuffle: bool, drop_last: bool,
-                 num_replicas: int, rank: int, seed: int) -> None:  # fmt: skip
+                 num_replicas: int, rank: int, seed: int, repetitions: int = 1) -> None:  # fmt: skip
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.batch_size = batch_size
+        self.repetitions = repetitions
         self.skip = 0
 
+    def __len__(self) -> int:
+        if self.repetitions == 1:
+            return super().__len__()
+        return _repeated_length(len(self.dataset), self.num_replicas)  # type: ignore[arg-type]
+
+    def _indices(self) -> list[int]:
+        if self.repetitions == 1:
+            return list(super().__iter__())
+        # torchvision's RASampler.__iter__, with tensors: the same permutation as DistributedSampler's (seed + epoch).
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.shuffle:
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(size)
+        repeated = order.repeat_interleave(self.repetitions)
+        total = -(-size * self.repetitions // self.num_replicas) * self.num_replicas
+        repeated = torch.cat([repeated, repeated[: total - len(repeated)]])
+        return repeated[self.rank : total : self.num_replicas][: len(self)].tolist()
+
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
-        indices = list(super().__iter__())
+        indices = self._indices()
+        # The seed is the sample's position in the epoch's global order, not its index: repeated copies differ.
         for position in range(self.skip * self.batch_size, len(indices)):
             yield indices[position], _sample_seed(self.seed, self.epoch, position * self.num_replicas + self.rank)
 
@@ -155,6 +198,8 @@ class ResumableDataLoader(DataLoader):
             ``seed_everything`` seed, else torch's initial seed (rank zero's under DDP), read at the first iteration.
         num_replicas, rank: The data-parallel size and this process's place in it. ``None``: the default process
             group's world size and rank (1 and 0 without one), read at the first iteration.
+        repeated_augmentations: Copies of each sample per epoch, in ``RASampler``'s order (see the module
+            docstring); 1 (the default) is off. Needs ``len(dataset) >= 256 * num_replicas``.
         **kwargs: Other ``DataLoader`` options (``num_workers``, ``collate_fn``, ``pin_memory``, ...); not
             ``sampler`` or ``batch_sampler``: the loader owns its order.
     """
@@ -169,6 +214,7 @@ class ResumableDataLoader(DataLoader):
         seed: Optional[int] = None,
         num_replicas: Optional[int] = None,
         rank: Optional[int] = None,
+        repeated_augmentations: int = 1,
         **kwargs: Any,
     ) -> None:
         for name in ("sampler", "batch_sampler"):
@@ -188,6 +234,13 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(f"ResumableDataLoader(num_replicas={num_replicas!r}): must be an integer >= 1 or None")
         if rank is not None and (not isinstance(rank, int) or rank < 0 or (num_replicas and rank >= num_replicas)):
             raise ValueError(f"ResumableDataLoader(rank={rank!r}): must be in [0, num_replicas) or None")
+        if not isinstance(repeated_augmentations, int) or isinstance(repeated_augmentations, bool) or repeated_augmentations < 1:
+            raise ValueError(
+                f"ResumableDataLoader(repeated_augmentations={repeated_augmentations!r}): must be an integer >= 1"
+                " (copies of each sample per epoch; 1 disables repeated augmentation)"
+            )
+        if repeated_augmentations > 1:
+            _check_repeated_length(len(dataset), num_replicas or 1, repeated_augmentations)  # type: ignore[arg-type]
         kwargs.setdefault("generator", torch.Generator().manual_seed(0))  # never draw from the model's global RNG
         init = kwargs.get("worker_init_fn")
         kwargs["worker_init_fn"] = init if isinstance(init, _IgnoreStopSignals) else _IgnoreStopSignals(init)
@@ -195,7 +248,7 @@ class ResumableDataLoader(DataLoader):
         self._options = {"shuffle": shuffle, "seed": seed, "num_replicas": num_replicas, "rank": rank}
         sampler = _ResumableSampler(
             wrapped, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
-            num_replicas=num_replicas or 1, rank=rank or 0, seed=seed or 0,
+            num_replicas=num_replicas or 1, rank=rank or 0, seed=seed or 0, repetitions=repeated_augmentations,
         )  # fmt: skip
         super().__init__(wrapped, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
         self._resolved = False
@@ -266,6 +319,8 @@ class ResumableDataLoader(DataLoader):
             drop_last=sampler.drop_last,
         )
         sampler.epoch, sampler.skip = epoch, skip
+        if sampler.repetitions > 1:
+            _check_repeated_length(len(sampler.dataset), sampler.num_replicas, sampler.repetitions)  # type: ignore[arg-type]
         self._resolved = True
 
     def __len__(self) -> int:
