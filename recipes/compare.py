@@ -5,10 +5,10 @@
     python recipes/compare.py logs runs/a runs/b --names a b --target-acc 0.95 --out runs/compare_ab
     python recipes/compare.py logs runs/gpt_a runs/gpt_b --metric val/bpb --mode min --target 2.5   # any metric
 
-Both write ``<out>/compare.md`` (the table, notes on every crashed / short / incomplete run, the plots),
-``<out>/compare.json`` (every run's figures) and PNG plots: the metric (``--metric``, default val/acc) vs optimizer
-step and vs wall time, train loss, learning rate and gradient norm, one line per variant (mean over seeds) with a
-min–max band. ``--mode`` says whether larger (``max``, the default) or smaller (``min``: losses, bits per byte) is
+Both write ``<out>/compare.md`` (the table, the statistics table below, notes on every crashed / short / incomplete
+run, the plots), ``<out>/compare.json`` (every run's figures and the statistics, as numbers) and PNG plots: the
+metric (``--metric``, default val/acc) vs optimizer step and vs wall time, train loss, learning rate and gradient
+norm, one line per variant (mean over seeds) with a min–max band. ``--mode`` says whether larger (``max``, the default) or smaller (``min``: losses, bits per byte) is
 better: it picks each run's best value and when a run reaches ``--target``.
 
 A grid file (``experiments/*.yaml``) is::
@@ -37,6 +37,22 @@ Figures come from the TensorBoard event files, read with tensorboard's own ``Eve
 and peak memory are logged by ``RunStats`` (Lightning's ``ThroughputMonitor`` plus peak memory), which the
 grid adds to every run; add it to your own runs' callbacks to get those columns for ``compare.py logs``. Language
 models log ``train/tokens_per_sec`` themselves: when every run has it, the throughput column is tokens/s.
+
+Statistics: beside the table, every variant is compared with a baseline (the first variant, or --baseline NAME)
+on the final value of --metric and, with a target, on the steps and the seconds to reach it. For each variant: the
+runs counted (n), mean ± sample std (ddof 1); then the difference of the means (variant - baseline), Welch's t
+(unequal variances), its Welch-Satterthwaite degrees of freedom, the two-sided p-value and the 95 % confidence
+interval of the difference (Welch t interval), from scipy.stats. Runs that crashed (exit code not 0), diverged (a
+NaN or infinite value) or have no value are left out of the test and counted beside n, never dropped silently.
+The verdict follows one rule, in this order:
+  "not testable: not every run reached <target>"  steps / seconds to target, unless every run of both reached it;
+  "not testable: n = <k>"                         a variant has k < 2 runs counted;
+  "not testable: no spread within either variant" every run of each variant has the same value (t undefined);
+  "differs (p < 0.05)"                            p < 0.05;
+  "no difference resolved with <n> seeds (p = <p>)"  otherwise: these seeds cannot tell, which is not evidence
+                                                  of no effect.
+Each comparison is tested on its own at 0.05, without correction for multiple comparisons: among many
+comparisons of equal variants, about one in twenty reads "differs" by chance.
 """
 
 from __future__ import annotations
@@ -173,6 +189,12 @@ class Goal:
 
     def better(self, a: float, b: float) -> bool:
         return a >= b if self.mode == "max" else a <= b
+
+    @property
+    def target_text(self) -> Optional[str]:  # as the tables name it: 95% for val/acc, 2.5 for val/bpb
+        if self.target is None:
+            return None
+        return f"{100 * self.target:g}%" if self.percent else f"{self.target:g}"
 
 
 @dataclass
@@ -389,7 +411,7 @@ def _cell(figures: list[dict[str, Any]], key: str, *, scale: float = 1.0, digits
 
 def table(figures: list[dict[str, Any]], goal: Goal = Goal()) -> tuple[str, list[str]]:
     """The markdown comparison table and the notes that explain every run it could not count fully."""
-    target = None if goal.target is None else f"{100 * goal.target:g}%" if goal.percent else f"{goal.target:g}"
+    target = goal.target_text
     unit = " %" if goal.percent else ""
     # Text runs: tokens/s (what a language model's speed is quoted in) when every run logged it.
     throughput = "tokens_per_sec" if figures and all(f["tokens_per_sec"] is not None for f in figures) else "samples_per_sec"
@@ -441,6 +463,129 @@ def _last_line(log: Path) -> str:
     """The last non-empty line of a run's console output: for a crash, the exception and its message."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()] if log.is_file() else []
     return repr(lines[-1]) if lines else "no output"
+
+
+# -------------------------------------------------------------------------------------------------- statistics
+
+ALPHA, CONFIDENCE = 0.05, 0.95
+#: The module docstring's paragraph on the statistics: also the epilog of ``--help``, so the two never differ.
+STATISTICS_RULE = next(p for p in (__doc__ or "").split("\n\n") if p.startswith("Statistics:"))
+
+
+def welch(a: list[float], b: list[float], confidence: float = CONFIDENCE) -> dict[str, Optional[float]]:
+    """Welch's unequal-variances t-test of mean(a) - mean(b): t, Welch-Satterthwaite df, two-sided p and CI.
+
+    The formulas of ``scipy.stats.ttest_ind(a, b, equal_var=False)`` (whose result has ``df`` and
+    ``confidence_interval`` only from scipy 1.11 on): se = sqrt(var_a / n_a + var_b / n_b) with sample variances,
+    t = diff / se, df = se^4 / ((var_a / n_a)^2 / (n_a - 1) + (var_b / n_b)^2 / (n_b - 1)), p = 2 P(T_df > |t|),
+    interval diff ± t_df((1 + confidence) / 2) se. t, df, p and the interval are None where undefined: an arm
+    with fewer than 2 values, or no spread in either (se = 0).
+    """
+    from scipy import stats
+
+    result: dict[str, Optional[float]] = {"difference": None, "t": None, "df": None, "p": None,
+                                          "ci_low": None, "ci_high": None}
+    if a and b:
+        result["difference"] = statistics.mean(a) - statistics.mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return result
+    sa, sb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if sa + sb == 0:
+        return result
+    se = math.sqrt(sa + sb)
+    df = (sa + sb) ** 2 / (sa**2 / (len(a) - 1) + sb**2 / (len(b) - 1))
+    t = result["difference"] / se
+    half = float(stats.t.ppf((1 + confidence) / 2, df)) * se
+    result.update(t=t, df=df, p=float(2 * stats.t.sf(abs(t), df)),
+                  ci_low=result["difference"] - half, ci_high=result["difference"] + half)
+    return result
+
+
+def _arm(runs: list[dict[str, Any]], key: str, missing: str) -> dict[str, Any]:
+    """The finite values of one figure over a variant's finished runs, and which runs are left out and why."""
+    values, excluded = [], {"crashed": [], "diverged": [], missing: []}
+    for f in runs:
+        value = f[key]
+        if f["returncode"] not in (None, 0):
+            excluded["crashed"].append(f["run"])
+        elif value is None:
+            excluded[missing].append(f["run"])
+        elif not math.isfinite(value):
+            excluded["diverged"].append(f["run"])
+        else:
+            values.append(value)
+    return {"n": len(values), "runs": len(runs), "values": values,
+            "mean": statistics.mean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else None,
+            "excluded": {reason: names for reason, names in excluded.items() if names}}
+
+
+def comparisons(figures: list[dict[str, Any]], goal: Goal = Goal(), baseline: Optional[str] = None) -> dict[str, Any]:
+    """Every variant against the baseline on each figure the module docstring lists, with the verdict of its rule."""
+    variants = list(dict.fromkeys(f["variant"] for f in figures))
+    baseline = variants[0] if baseline is None and variants else baseline
+    if baseline not in variants:
+        raise ValueError(f"baseline={baseline!r} is not a variant: choose one of {variants}.")
+    target = goal.target_text
+    keys = [(f"final_{goal.key}", "no value")]
+    if target is not None:
+        keys += [("steps_to_target", "not reached"), ("seconds_to_target", "not reached")]
+    result = []
+    for variant in variants:
+        if variant == baseline:
+            continue
+        for key, missing in keys:
+            arms = [_arm([f for f in figures if f["variant"] == name], key, missing) for name in (variant, baseline)]
+            test = welch(arms[0]["values"], arms[1]["values"])
+            n = min(arm["n"] for arm in arms)
+            if key != f"final_{goal.key}" and any(arm["excluded"] for arm in arms):
+                outcome, verdict = "not testable", f"not testable: not every run reached {target}"
+            elif n < 2:
+                outcome, verdict = "not testable", f"not testable: n = {n}"
+            elif test["p"] is None:
+                outcome, verdict = "not testable", "not testable: no spread within either variant"
+            elif test["p"] < ALPHA:
+                outcome, verdict = "differs", f"differs (p < {ALPHA:g})"
+            else:
+                seeds = f"{arms[0]['n']}" if arms[0]["n"] == arms[1]["n"] else f"{arms[0]['n']} vs {arms[1]['n']}"
+                outcome, verdict = "not resolved", f"no difference resolved with {seeds} seeds (p = {test['p']:.3g})"
+            result.append({"variant": variant, "baseline": baseline, "figure": key, "variant_arm": arms[0],
+                           "baseline_arm": arms[1], **test, "outcome": outcome, "verdict": verdict})
+    return {"baseline": baseline, "test": "Welch's t-test, two-sided, unequal variances (scipy.stats)",
+            "alpha": ALPHA, "confidence": CONFIDENCE, "comparisons": result}
+
+
+def statistics_table(stats: dict[str, Any], goal: Goal = Goal()) -> str:
+    """The markdown table of ``comparisons``: accuracies in %, like the main table; differences variant - baseline."""
+    target = goal.target_text
+    labels = {f"final_{goal.key}": (f"final {goal.metric}" + (" %" if goal.percent else ""),
+                                     100 if goal.percent else 1, 2 if goal.percent else 3),
+              "steps_to_target": (f"steps to {target}", 1, 1), "seconds_to_target": (f"seconds to {target}", 1, 1)}
+    header = ["variant - baseline", "figure", "n", "variant", "baseline", "difference",
+              f"{100 * stats['confidence']:g} % CI", "Welch t", "df", "p", "verdict"]
+    caption = (f"Each variant against `{stats['baseline']}`: {stats['test']}; the rule of the verdict is in "
+               "`python recipes/compare.py --help`.")
+    lines = [caption, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def count(arm: dict[str, Any]) -> str:
+        left_out = ", ".join(f"{len(names)} {reason}" for reason, names in arm["excluded"].items())
+        return f"{arm['n']}" + (f" of {arm['runs']} ({left_out})" if left_out else "")
+
+    def number(value: Optional[float], scale: float, digits: int) -> str:
+        return "—" if value is None else f"{value * scale:.{digits}f}"
+
+    for c in stats["comparisons"]:
+        label, scale, digits = labels[c["figure"]]
+        arms = (c["variant_arm"], c["baseline_arm"])
+        mean_std = [number(arm["mean"], scale, digits) + ("" if arm["std"] is None else
+                                                           f" ± {arm['std'] * scale:.{digits}f}") for arm in arms]
+        ci = "—" if c["ci_low"] is None else (
+            f"[{number(c['ci_low'], scale, digits)}, {number(c['ci_high'], scale, digits)}]")
+        row = [f"{c['variant']} - {c['baseline']}", label, f"{count(arms[0])} vs {count(arms[1])}", *mean_std,
+               number(c["difference"], scale, digits), ci, number(c["t"], 1, 2), number(c["df"], 1, 1),
+               "—" if c["p"] is None else f"{c['p']:.3g}", c["verdict"]]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------- plots
@@ -512,8 +657,11 @@ def plot(runs: list[Run], out: Path, metric: str = VAL_ACC) -> list[Path]:
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str) -> str:
-    """Read every variant's runs, write compare.md / compare.json / the plots into ``out``; return the markdown."""
+def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str, baseline: Optional[str] = None) -> str:
+    """Read every variant's runs, write compare.md / compare.json / the plots into ``out``; return the markdown.
+
+    ``baseline``: the variant the others are tested against (default: the first).
+    """
     runs = []
     for variant, directory in variant_dirs.items():
         found = find_runs(directory, variant)
@@ -522,9 +670,17 @@ def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str) ->
         runs.extend(found)
     figures = [run_figures(run, goal) for run in runs]
     markdown, notes = table(figures, goal)
+    stats = comparisons(figures, goal, baseline)
+    for f in figures:
+        value = f[f"final_{goal.key}"]
+        if f["returncode"] in (None, 0) and value is not None and not math.isfinite(value):
+            notes.append(f"{f['variant']}/{f['run']}: final {goal.metric} is {value} (diverged): counted as diverged "
+                         "beside n in the statistics, not in the mean.")
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(runs, out, goal.metric)
     text = [f"# {title}", "", markdown, ""]
+    if stats["comparisons"]:
+        text += [statistics_table(stats, goal), ""]
     if notes:
         text += ["Notes:", *[f"- {n}" for n in notes], ""]
     text += [f"![{p.stem}]({p.name})" for p in plots]
@@ -534,21 +690,25 @@ def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str) ->
                "torch": torch.__version__, "python": platform.python_version()}
     (out / "compare.json").write_text(json.dumps(
         {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-         "metric": goal.metric, "mode": goal.mode, "target": goal.target, "runs": figures}, indent=1))
+         "metric": goal.metric, "mode": goal.mode, "target": goal.target, "runs": figures, "statistics": stats},
+        indent=1))
     return document
 
 
 def main(argv: Optional[list[str]] = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter,
+                                     epilog=STATISTICS_RULE)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a grid file's variants × seeds, then compare them")
+    run = sub.add_parser("run", help="run a grid file's variants × seeds, then compare them", epilog=STATISTICS_RULE,
+                         formatter_class=argparse.RawTextHelpFormatter)
     run.add_argument("grid", type=Path, help="grid YAML, e.g. experiments/warmup_vit.yaml")
     run.add_argument("--out", type=Path, help="output folder (default runs/experiments/<grid file name>)")
     run.add_argument("--seeds", type=int, nargs="+", help="run these seeds instead of the grid's")
     run.add_argument("--variants", nargs="+", help="run only these variants")
     run.add_argument("--rerun", action="store_true", help="run again the runs that finished before")
     run.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    logs = sub.add_parser("logs", help="compare existing TensorBoard log folders, one folder per variant")
+    logs = sub.add_parser("logs", help="compare existing TensorBoard log folders, one folder per variant",
+                          epilog=STATISTICS_RULE, formatter_class=argparse.RawTextHelpFormatter)
     logs.add_argument("dirs", type=Path, nargs="+", help="one folder per variant; each event folder below it is a run")
     logs.add_argument("--names", nargs="+", help="variant names (default: the folder names)")
     logs.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default runs/compare)")
@@ -557,6 +717,7 @@ def main(argv: Optional[list[str]] = None) -> str:
         p.add_argument("--metric", help="logged metric to rank and plot by (default: the grid's, else val/acc)")
         p.add_argument("--mode", choices=("min", "max"), help="max (default): larger is better; min: smaller is")
         p.add_argument("--target", type=float, help="value of --metric to reach, in its units (e.g. 2.5 for val/bpb)")
+        p.add_argument("--baseline", help="variant the others are tested against (default: the first variant)")
     args = parser.parse_args(argv)
     if args.target_acc is not None and not 0 < args.target_acc <= 1:
         parser.error(f"--target-acc {args.target_acc} must be a fraction in (0, 1], e.g. 0.95")
@@ -572,12 +733,13 @@ def main(argv: Optional[list[str]] = None) -> str:
             if unknown:
                 parser.error(f"--variants {sorted(unknown)} not in {args.grid}: choose from {[v.name for v in grid.variants]}")
             grid.variants = [v for v in grid.variants if v.name in args.variants]
+        _check_baseline(args, parser, [v.name for v in grid.variants])
         out = args.out or Path("runs/experiments") / args.grid.stem
         run_grid(grid, out, rerun=args.rerun, dry_run=args.dry_run)
         if args.dry_run:
             return ""
         document = compare({v.name: out / v.name for v in grid.variants}, out, _goal(args, parser, grid.goal),
-                           f"{args.grid.stem} ({args.grid})")
+                           f"{args.grid.stem} ({args.grid})", args.baseline)
     else:
         names = args.names or [d.name for d in args.dirs]
         if len(names) != len(args.dirs) or len(set(names)) != len(names):
@@ -585,11 +747,18 @@ def main(argv: Optional[list[str]] = None) -> str:
         for d in args.dirs:
             if not d.is_dir():
                 parser.error(f"{d} is not a folder")
-        document = compare(dict(zip(names, args.dirs)), args.out, _goal(args, parser, Goal()), "Comparison")
+        _check_baseline(args, parser, names)
+        document = compare(dict(zip(names, args.dirs)), args.out, _goal(args, parser, Goal()), "Comparison",
+                           args.baseline)
         out = args.out
     print(document)
     print(f"written: {out / 'compare.md'}, {out / 'compare.json'} and the PNG plots in {out}")
     return document
+
+
+def _check_baseline(args: argparse.Namespace, parser: argparse.ArgumentParser, variants: list[str]) -> None:
+    if args.baseline is not None and args.baseline not in variants:
+        parser.error(f"--baseline {args.baseline!r} is not among the variants compared: choose one of {variants}")
 
 
 def _goal(args: argparse.Namespace, parser: argparse.ArgumentParser, default: Goal) -> Goal:

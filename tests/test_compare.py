@@ -1,6 +1,7 @@
 """recipes/compare.py: grids run as real short training runs, tables checked number by number, plots written."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -296,3 +297,181 @@ def test_a_gpt_grid_runs_real_runs_and_ranks_them_by_val_bpb(tmp_path):
     assert "tokens/s" in document.splitlines()[2]
     config = yaml.safe_load((out / "post_ln" / "seed_0" / "config.yaml").read_text())
     assert config["model"]["norm_first"] is False and config["data"]["class_path"].endswith("TextDataModule")
+
+
+# ------------------------------------------------------------------------------------------- statistics (Welch's t)
+
+
+def _t_two_sided_p(t: float, df: float, steps: int = 20_000) -> float:
+    """2 P(T_df > |t|) by Simpson's rule on Student's t density: a computation by hand, independent of scipy."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = [math.exp(log_c - (df + 1) / 2 * math.log1p((abs(t) * i / steps) ** 2 / df)) for i in range(steps + 1)]
+    inside = abs(t) / steps / 3 * sum(d * (1 if i in (0, steps) else 4 if i % 2 else 2) for i, d in enumerate(density))
+    return 1 - 2 * inside
+
+
+def test_welch_equals_scipy_and_the_hand_computation():
+    from scipy import stats
+
+    a, b = [1.0, 2.0, 3.0], [2.0, 4.0, 6.0, 8.0]
+    result = compare.welch(a, b)
+    # By hand: means 2 and 5, sample variances 1 and 20/3; se^2 = 1/3 + (20/3)/4 = 2, so t = -3 / sqrt(2), and
+    # df = 2^2 / ((1/3)^2 / 2 + (5/3)^2 / 3) = 216/53.
+    assert result["difference"] == -3.0
+    assert result["t"] == pytest.approx(-3 / math.sqrt(2), rel=1e-14)
+    assert result["df"] == pytest.approx(216 / 53, rel=1e-14)
+    assert result["p"] == pytest.approx(_t_two_sided_p(3 / math.sqrt(2), 216 / 53), abs=1e-9)
+    assert result["p"] == pytest.approx(0.09991286431180087, rel=1e-9)
+    reference = stats.ttest_ind(a, b, equal_var=False)
+    assert (result["t"], result["p"]) == pytest.approx((reference.statistic, reference.pvalue), rel=1e-12)
+    # The 95 % interval is -3 ± q sqrt(2) where 2 P(T_216/53 > q) = 0.05, i.e. the shifts of a at which Welch's
+    # test has p = 0.05 exactly (the interval is the set of differences the test does not reject).
+    half = (result["ci_high"] - result["ci_low"]) / 2
+    assert (result["ci_low"] + result["ci_high"]) / 2 == pytest.approx(-3.0, rel=1e-14)
+    assert _t_two_sided_p(half / math.sqrt(2), 216 / 53) == pytest.approx(0.05, abs=1e-9)
+    for bound in (result["ci_low"], result["ci_high"]):
+        assert stats.ttest_ind([x - bound for x in a], b, equal_var=False).pvalue == pytest.approx(0.05, rel=1e-9)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((-6.897975451083128, 0.8979754510831279), rel=1e-9)
+    if hasattr(reference, "df"):  # scipy >= 1.11 returns df and the interval too
+        interval = reference.confidence_interval(0.95)
+        assert (result["df"], result["ci_low"], result["ci_high"]) == pytest.approx(
+            (reference.df, interval.low, interval.high), rel=1e-12)
+    # Undefined, not made up: one value in an arm, or no spread in either.
+    assert compare.welch([1.0], [2.0, 3.0]) == {"difference": -1.5, "t": None, "df": None, "p": None,
+                                                "ci_low": None, "ci_high": None}
+    assert compare.welch([1.0, 1.0], [2.0, 2.0])["t"] is None
+
+
+def _figure(variant, run, final, *, steps=None, seconds=None, returncode=0, key="final_val_acc"):
+    return {"variant": variant, "run": run, "returncode": returncode, key: final,
+            "steps_to_target": steps, "seconds_to_target": seconds}
+
+
+def _verdicts(figures, goal=None, baseline=None):
+    stats = compare.comparisons(figures, goal or compare.Goal(), baseline)
+    return [(c["variant"], c["figure"], c["verdict"]) for c in stats["comparisons"]]
+
+
+def test_the_verdict_follows_the_stated_rule():
+    figures = [
+        *(_figure("base", f"s{i}", v, steps=s, seconds=10.0 * s)
+          for i, (v, s) in enumerate([(0.2, 10), (0.4, 20), (0.6, 30), (0.8, 40)])),
+        *(_figure("worse", f"s{i}", v, steps=s, seconds=10.0 * s)
+          for i, (v, s) in enumerate([(0.1, 10), (0.2, 20), (0.3, 40)])),
+        *(_figure("much_worse", f"s{i}", v, steps=None) for i, v in enumerate([0.01, 0.02, 0.03])),
+        _figure("one_seed", "s0", 0.9, steps=10, seconds=100.0),
+        *(_figure("flat", f"s{i}", 0.3, steps=20, seconds=200.0) for i in range(2)),
+    ]
+    goal = compare.Goal(target=0.1)
+    assert _verdicts(figures, goal) == [
+        # [0.1, 0.2, 0.3] vs [0.2, 0.4, 0.6, 0.8]: the hand-computed example above scaled by 0.1, p = 0.0999.
+        ("worse", "final_val_acc", "no difference resolved with 3 vs 4 seeds (p = 0.0999)"),
+        ("worse", "steps_to_target", "no difference resolved with 3 vs 4 seeds (p = 0.886)"),  # [10, 20, 40]
+        ("worse", "seconds_to_target", "no difference resolved with 3 vs 4 seeds (p = 0.886)"),  # vs [10, 20, 30, 40]
+        ("much_worse", "final_val_acc", "differs (p < 0.05)"),
+        ("much_worse", "steps_to_target", "not testable: not every run reached 10%"),
+        ("much_worse", "seconds_to_target", "not testable: not every run reached 10%"),
+        ("one_seed", "final_val_acc", "not testable: n = 1"),
+        ("one_seed", "steps_to_target", "not testable: n = 1"),
+        ("one_seed", "seconds_to_target", "not testable: n = 1"),
+        ("flat", "final_val_acc", "no difference resolved with 2 vs 4 seeds (p = 0.219)"),  # the baseline has spread
+        ("flat", "steps_to_target", "no difference resolved with 2 vs 4 seeds (p = 0.495)"),
+        ("flat", "seconds_to_target", "no difference resolved with 2 vs 4 seeds (p = 0.495)"),
+    ]
+    stats = compare.comparisons(figures, goal)["comparisons"]
+    assert [c["outcome"] for c in stats[:7:3]] == ["not resolved", "differs", "not testable"]
+    # Against flat as the baseline, flat's twin has no spread either: t is undefined, and no p is made up.
+    twin = [_figure("twin", f"s{i}", 0.4) for i in range(3)]
+    assert _verdicts(figures + twin, baseline="flat")[-1] == (
+        "twin", "final_val_acc", "not testable: no spread within either variant")
+    with pytest.raises(ValueError, match=r"baseline='nope' is not a variant: choose one of \['base', 'worse'"):
+        compare.comparisons(figures, goal, "nope")
+
+
+def test_crashed_and_diverged_runs_are_counted_and_left_out_of_the_test(tmp_path, monkeypatch):
+    key = "final_val_bpb"
+    goal = compare.Goal("val/bpb", "min")
+    figures = [
+        *(_figure("base", f"s{i}", v, key=key) for i, v in enumerate([2.5, 2.45, 2.6])),
+        _figure("fast", "s0", 2.1, key=key), _figure("fast", "s1", 2.2, key=key), _figure("fast", "s2", 2.3, key=key),
+        _figure("fast", "s3", float("nan"), key=key), _figure("fast", "s4", 2.0, key=key, returncode=1),
+        _figure("fast", "s5", None, key=key),
+    ]
+    (c,) = compare.comparisons(figures, goal)["comparisons"]
+    arm = c["variant_arm"]
+    assert (arm["n"], arm["runs"], arm["values"]) == (3, 6, [2.1, 2.2, 2.3])
+    assert arm["excluded"] == {"crashed": ["s4"], "diverged": ["s3"], "no value": ["s5"]}
+    assert c["baseline_arm"]["excluded"] == {} and c["baseline_arm"]["n"] == 3
+    # The test over the three finite finished runs only: the same numbers as Welch's on them alone.
+    assert {k: c[k] for k in ("difference", "t", "df", "p", "ci_low", "ci_high")} == compare.welch(
+        [2.1, 2.2, 2.3], [2.5, 2.45, 2.6])
+    assert c["verdict"] == "differs (p < 0.05)" and c["p"] == pytest.approx(0.013981813937706236, rel=1e-9)
+    table = compare.statistics_table(compare.comparisons(figures, goal), goal)
+    assert _row(table, "fast - base") == [
+        "fast - base", "final val/bpb", "3 of 6 (1 crashed, 1 diverged, 1 no value) vs 3", "2.200 ± 0.100",
+        "2.517 ± 0.076", "-0.317", "[-0.524, -0.109]", "-4.36", "3.7", "0.014", "differs (p < 0.05)",
+    ]
+
+    # From the logs: a run whose val/bpb became NaN is named in the notes and counted beside n.
+    monkeypatch.setattr(compare, "plot", lambda runs, out, metric: [])
+    for i, bpb in enumerate([2.5, 2.45, 2.6]):
+        _write_lm_run(tmp_path / "base" / f"seed{i}", [3.0, bpb], 1000.0)
+    for i, bpb in enumerate([2.1, 2.2, 2.3, float("nan")]):
+        _write_lm_run(tmp_path / "fast" / f"seed{i}", [3.0, bpb], 1000.0)
+    document = compare.main(["logs", str(tmp_path / "base"), str(tmp_path / "fast"), "--metric", "val/bpb", "--mode",
+                             "min", "--out", str(tmp_path / "out")])
+    assert _row(document, "fast - base")[2:4] == ["3 of 4 (1 diverged) vs 3", "2.200 ± 0.100"]
+    assert "- fast/seed3: final val/bpb is nan (diverged): counted as diverged beside n in the statistics" in document
+    saved = json.loads((tmp_path / "out" / "compare.json").read_text())["statistics"]["comparisons"][0]
+    assert saved["variant_arm"]["excluded"] == {"diverged": ["seed3"]} and saved["variant_arm"]["n"] == 3
+
+
+def test_logs_prints_and_saves_the_statistics_of_every_variant_against_the_baseline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "plot", lambda runs, out, metric: [])  # the plots are tested above; seconds here
+    for i, acc in enumerate([0.90, 0.92, 0.94]):
+        _write_run(tmp_path / "a" / f"seed{i}", [0.5, acc])
+    for i, acc in enumerate([0.80, 0.83, 0.83]):
+        _write_run(tmp_path / "b" / f"seed{i}", [0.5, acc])
+    _write_run(tmp_path / "c" / "seed0", [0.5, 0.7])
+    dirs = [str(tmp_path / name) for name in "abc"]
+    document = compare.main(["logs", *dirs, "--target-acc", "0.8", "--out", str(tmp_path / "out")])
+
+    assert "Each variant against `a`: Welch's t-test, two-sided, unequal variances (scipy.stats)" in document
+    # b - a: means 0.82 and 0.92, sample variances 3e-4 and 4e-4, so se^2 = 1e-4 + 1.33e-4, t = -0.1 / se = -6.547,
+    # df = se^4 / ((1e-4)^2 / 2 + (1.33e-4)^2 / 2) = 3.92 (and TensorBoard stores the accuracies in float32).
+    row = _row(document, "b - a | final val/acc %")
+    assert row == ["b - a", "final val/acc %", "3 vs 3", "82.00 ± 1.73", "92.00 ± 2.00", "-10.00", "[-14.28, -5.72]",
+                   "-6.55", "3.9", "0.00302", "differs (p < 0.05)"]
+    # Everyone reached 80 % at the same step (19): no spread; c has one run.
+    assert _row(document, "b - a | steps to 80%")[2:] == [
+        "3 vs 3", "20.0 ± 0.0", "20.0 ± 0.0", "0.0", "—", "—", "—", "—", "not testable: no spread within either variant"]
+    assert _row(document, "c - a | final val/acc %")[10] == "not testable: n = 1"
+    result = json.loads((tmp_path / "out" / "compare.json").read_text())["statistics"]
+    assert (result["baseline"], result["alpha"], result["confidence"]) == ("a", 0.05, 0.95)
+    first = result["comparisons"][0]
+    assert [first[k] for k in ("variant", "baseline", "figure", "outcome")] == ["b", "a", "final_val_acc", "differs"]
+    assert first["variant_arm"]["values"] == pytest.approx([0.80, 0.83, 0.83], abs=1e-7)
+    exact = compare.welch([0.80, 0.83, 0.83], [0.90, 0.92, 0.94])  # numbers, not only strings; fp32 inputs
+    assert {k: first[k] for k in exact} == pytest.approx(exact, rel=1e-5)
+    assert (first["t"], first["df"], first["p"]) == pytest.approx((-6.5465, 3.92, 0.0030194), rel=1e-4)
+    assert [c["figure"] for c in result["comparisons"]] == ["final_val_acc", "steps_to_target", "seconds_to_target"] * 2
+
+    # --baseline picks another variant; a name that is not one is refused.
+    document = compare.main(["logs", *dirs, "--baseline", "b", "--out", str(tmp_path / "out_b")])
+    assert _row(document, "a - b | final val/acc %")[5] == "10.00"
+    assert _row(document, "c - b | final val/acc %")[10] == "not testable: n = 1"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        compare.main(["logs", *dirs, "--baseline", "d"])
+    assert "--baseline 'd' is not among the variants compared: choose one of ['a', 'b', 'c']" in capsys.readouterr().err
+
+
+def test_the_help_states_the_rule_of_the_verdict(capsys):
+    assert compare.STATISTICS_RULE in compare.__doc__
+    for argv in ([], ["logs"], ["run"]):
+        with pytest.raises(SystemExit):
+            compare.main([*argv, "--help"])
+        help_text = capsys.readouterr().out
+        for verdict in ('"differs (p < 0.05)"', '"no difference resolved with <n> seeds (p = <p>)"',
+                        '"not testable: n = <k>"', "Welch-Satterthwaite", "sample std (ddof 1)"):
+            assert verdict in help_text, (argv, verdict)
