@@ -25,32 +25,85 @@ from lightning_recipes.datamodules.base import ImageClassificationDataModule, ch
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Split parameters into a weight-decay group (matrices and conv kernels) and a no-decay group.
+#: Module types whose parameters are "norm" parameters: torchvision's ``set_weight_decay`` list, plus RMSNorm.
+NORM_LAYERS = (
+    nn.modules.batchnorm._BatchNorm,  # BatchNorm1/2/3d, SyncBatchNorm, sync_batchnorm.GlobalBatchNorm2d
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
 
-    Decay shrinks weights towards zero; on a norm layer's scale, a bias, a position embedding or a class
-    token that only fights the layer's purpose, so those go in the no-decay group (the rule of timm,
-    nanoGPT and torchvision's references: every parameter with fewer than 2 dims, plus the names given).
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_decay: Iterable[str] = (),
+    *,
+    norm_weight_decay: Optional[float] = 0.0,
+    bias_weight_decay: Optional[float] = 0.0,
+    embedding_weight_decay: Optional[float] = 0.0,
+) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: which parameters decay, and by how much (torchvision's three switches).
+
+    torchvision's references (``references/classification/utils.py``, ``set_weight_decay``) give every parameter
+    ``weight_decay`` except, for each switch that is not None: the parameters of norm layers (``NORM_LAYERS``, by
+    module type) get ``norm_weight_decay``, biases ``bias_weight_decay``, and the embedding-like parameters named
+    in ``no_decay`` (class token, position embedding) ``embedding_weight_decay``. A bias or an embedding that is
+    switched on wins over the norm rule, as there. The defaults (all 0.0) keep norms, biases and the named
+    parameters out of decay, the rule of timm and nanoGPT: pulling a norm's scale, a bias or an embedding
+    towards zero only fights what it is for. All None decays every parameter. Two deliberate differences
+    from torchvision's name matching: a bias is any parameter whose own name ends in ``bias`` (torchvision's
+    exact ``bias`` misses ``MultiheadAttention.in_proj_bias``), and ``no_decay`` holds full names
+    (torchvision's key ``position_embedding`` misses its own ViT's ``encoder.pos_embedding``).
+
+    Groups are named for ``LRSchedule``'s ``lr/<name>`` curves: ``decay`` (at ``weight_decay``), ``no_decay``
+    (at 0.0), and only for a value that is neither, one group named after its kinds (``norm``, ``bias``,
+    ``embedding``, joined by ``_`` when they share a value). Empty groups are left out.
     """
-    no_decay = set(no_decay)
-    unknown = no_decay - {name for name, _ in model.named_parameters()}
+    embeddings = set(no_decay)
+    unknown = embeddings - {name for name, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"no_decay names {sorted(unknown)} are not parameters of {type(model).__name__}.")
-    decay, skip = [], []
+    in_norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    groups = {label: {"params": [], "weight_decay": value, "name": label}
+              for label, value in (("decay", weight_decay), ("no_decay", 0.0))}  # fmt: skip
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (skip if param.ndim < 2 or name in no_decay else decay).append(param)
-    # The names label the groups' LR curves (LRSchedule logs lr/decay and lr/no_decay).
-    return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": skip, "weight_decay": 0.0, "name": "no_decay"},
-    ]
+        if name in embeddings and embedding_weight_decay is not None:
+            kind, value = "embedding", embedding_weight_decay
+        elif name.rsplit(".", 1)[-1].endswith("bias") and bias_weight_decay is not None:
+            kind, value = "bias", bias_weight_decay
+        elif id(param) in in_norm and norm_weight_decay is not None:
+            kind, value = "norm", norm_weight_decay
+        else:
+            kind, value = "decay", weight_decay
+        label = "no_decay" if kind != "decay" and value == 0.0 else "decay" if value == weight_decay else kind
+        groups.setdefault(label, {"params": [], "weight_decay": value, "name": label})["params"].append(param)
+    # Kinds that share a value other than weight_decay and 0 (norms and biases both at 1e-5) share a group.
+    shared: dict[float, dict[str, Any]] = {}
+    for kind in ("norm", "bias", "embedding"):
+        if kind in groups:
+            group = groups.pop(kind)
+            if group["weight_decay"] in shared:
+                shared[group["weight_decay"]]["params"] += group["params"]
+                shared[group["weight_decay"]]["name"] += f"_{kind}"
+            else:
+                shared[group["weight_decay"]] = group
+    return [group for group in (*groups.values(), *shared.values()) if group["params"]]
 
 
 def check_model_arg(name: str, value: object, allowed: str, **bounds: Any) -> None:
     """``check_number`` for a recipe's model argument: the message names its option ``--model.<name>``."""
     check_number(name, value, allowed, option=f"--model.{name}", **bounds)
+
+
+def check_decay_switch(name: str, value: object) -> None:
+    """Check one of ``param_groups``' switches: None (decay at ``weight_decay``) or a number >= 0."""
+    if value is not None:
+        check_model_arg(name, value, "use a value >= 0 (0 disables it), or null for weight_decay's value", at_least=0)
 
 
 class ImageClassifier(LightningModule):

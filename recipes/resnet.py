@@ -15,7 +15,14 @@ import torch
 from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50
 
-from lightning_recipes.recipes.common import ImageClassifier, check_model_arg, check_number, param_groups, run_cli
+from lightning_recipes.recipes.common import (
+    ImageClassifier,
+    check_decay_switch,
+    check_model_arg,
+    check_number,
+    param_groups,
+    run_cli,
+)
 from lightning_recipes.recipes.sync_batchnorm import GlobalBatchNorm2d, convert_to_global_batchnorm
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
@@ -40,6 +47,8 @@ class ResNetClassifier(ImageClassifier):
         momentum: float = 0.9,
         nesterov: bool = True,
         weight_decay: float = 5e-4,
+        norm_weight_decay: Optional[float] = 0.0,
+        bias_weight_decay: Optional[float] = 0.0,
         label_smoothing: float = 0.1,
     ) -> None:
         """
@@ -58,7 +67,12 @@ class ResNetClassifier(ImageClassifier):
             lr: peak SGD learning rate; the config's LRSchedule callback warms up to it and decays it.
             momentum: SGD momentum.
             nesterov: Nesterov momentum.
-            weight_decay: L2 penalty on conv and linear weights only (norm scales and biases excluded).
+            weight_decay: L2 penalty on every parameter that the two switches below do not set.
+            norm_weight_decay: L2 penalty on the norm layers' scales and shifts; null: weight_decay
+                (torchvision's --norm-weight-decay; its ResNet-50 V2 recipe sets 0.0).
+            bias_weight_decay: L2 penalty on every bias, the norms' shifts included (a value here wins over
+                norm_weight_decay, as in torchvision); null: the norms' shifts follow norm_weight_decay and the
+                head's bias weight_decay (torchvision's --bias-weight-decay).
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
         """
         super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
@@ -82,6 +96,8 @@ class ResNetClassifier(ImageClassifier):
                 "(--model.momentum); or set --model.nesterov false for plain SGD."
             )
         check_model_arg("weight_decay", weight_decay, "use a value >= 0 (0 disables it)", at_least=0)
+        check_decay_switch("norm_weight_decay", norm_weight_decay)
+        check_decay_switch("bias_weight_decay", bias_weight_decay)
         if norm == "group" and 64 % group_norm_groups:
             raise ValueError(
                 f"group_norm_groups={group_norm_groups} must divide every layer's channels (64 at the narrowest): "
@@ -122,7 +138,12 @@ class ResNetClassifier(ImageClassifier):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(
-            param_groups(self.model, self.hparams.weight_decay),
+            param_groups(
+                self.model,
+                self.hparams.weight_decay,
+                norm_weight_decay=self.hparams.norm_weight_decay,
+                bias_weight_decay=self.hparams.bias_weight_decay,
+            ),
             lr=self.hparams.lr,
             momentum=self.hparams.momentum,
             nesterov=self.hparams.nesterov,

@@ -17,7 +17,14 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.models import VisionTransformer
 from torchvision.models.vision_transformer import ConvStemConfig
 
-from lightning_recipes.recipes.common import ImageClassifier, check_model_arg, check_number, param_groups, run_cli
+from lightning_recipes.recipes.common import (
+    ImageClassifier,
+    check_decay_switch,
+    check_model_arg,
+    check_number,
+    param_groups,
+    run_cli,
+)
 
 
 class CheckpointedBlocks(nn.Sequential):
@@ -55,6 +62,9 @@ class ViTClassifier(ImageClassifier):
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
+        norm_weight_decay: Optional[float] = 0.0,
+        bias_weight_decay: Optional[float] = 0.0,
+        transformer_embedding_decay: Optional[float] = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         momentum: float = 0.9,
         label_smoothing: float = 0.1,
@@ -80,8 +90,16 @@ class ViTClassifier(ImageClassifier):
             optimizer: ``adamw`` (the ViT default) or ``sgd`` (Nesterov momentum; for comparing the two, as
                 transformers are known to train poorly with SGD).
             lr: peak learning rate; the config's LRSchedule callback warms up to it and decays it.
-            weight_decay: weight decay on matrices only (not norms, biases, pos-embedding, class token); decoupled
-                for AdamW, L2 added to the gradient for SGD.
+            weight_decay: weight decay on every parameter that the three switches below do not set; decoupled for
+                AdamW, L2 added to the gradient for SGD.
+            norm_weight_decay: weight decay on the LayerNorms' (and a conv stem's BatchNorms') scales and shifts;
+                null: weight_decay (torchvision's --norm-weight-decay).
+            bias_weight_decay: weight decay on every bias, the norms' shifts included (a value here wins over
+                norm_weight_decay, as in torchvision); null: weight_decay, or norm_weight_decay for the norms'
+                shifts (torchvision's --bias-weight-decay).
+            transformer_embedding_decay: weight decay on the class token and the position embedding; null:
+                weight_decay (torchvision's --transformer-embedding-decay; its ViT-B/16 recipe passes none of
+                the three, so every parameter decays).
             betas: AdamW's moment decay rates (``optimizer: adamw`` only).
             momentum: SGD's Nesterov momentum (``optimizer: sgd`` only).
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
@@ -102,6 +120,9 @@ class ViTClassifier(ImageClassifier):
             check_model_arg(name, value, "it is a probability in [0, 1); 1 would drop everything", at_least=0, below=1)
         check_model_arg("lr", lr, "the peak learning rate must be > 0", above=0)
         check_model_arg("weight_decay", weight_decay, "use a value >= 0 (0 disables it)", at_least=0)
+        for name, value in (("norm_weight_decay", norm_weight_decay), ("bias_weight_decay", bias_weight_decay),
+                            ("transformer_embedding_decay", transformer_embedding_decay)):  # fmt: skip
+            check_decay_switch(name, value)
         if image_size % patch_size:
             raise ValueError(
                 f"patch_size={patch_size} does not divide image_size={image_size}: choose a patch size among "
@@ -178,7 +199,12 @@ class ViTClassifier(ImageClassifier):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         groups = param_groups(
-            self.model, self.hparams.weight_decay, no_decay=("class_token", "encoder.pos_embedding")
+            self.model,
+            self.hparams.weight_decay,
+            no_decay=("class_token", "encoder.pos_embedding"),
+            norm_weight_decay=self.hparams.norm_weight_decay,
+            bias_weight_decay=self.hparams.bias_weight_decay,
+            embedding_weight_decay=self.hparams.transformer_embedding_decay,
         )
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
