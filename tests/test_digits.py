@@ -2,8 +2,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from torchvision.transforms import v2
 
 from lightning_recipes.datamodules import DigitsDataModule
+from lightning_recipes.datamodules.digits import RandomAffineNormalize
 
 
 def test_split_is_the_reference_stratified_split():
@@ -57,6 +59,57 @@ def test_workers_load_the_same_batches():
     assert dm2.persistent_workers and not dm0.persistent_workers
     for (a, ya), (b, yb) in zip(dm0.val_dataloader(), dm2.val_dataloader()):
         assert torch.equal(a, b) and torch.equal(ya, yb)
+
+
+def _torchvision_pipeline(image_size, degrees, translate, scale, mean, std):
+    """The per-sample v2 pipeline the data module replaced: what its samples must equal, pixel for pixel."""
+    resize = [] if image_size == 8 else [v2.Resize(image_size, antialias=True)]
+    affine = v2.RandomAffine(degrees, translate=(translate, translate), scale=scale,
+                             interpolation=v2.InterpolationMode.BILINEAR)  # fmt: skip
+    return v2.Compose([*resize, affine, v2.Normalize([mean], [std])]), v2.Compose([*resize, v2.Normalize([mean], [std])])
+
+
+@pytest.mark.parametrize(
+    ("image_size", "degrees", "translate", "scale"),
+    [(16, 10.0, 0.1, (0.9, 1.1)), (8, 10.0, 0.1, (0.9, 1.1)), (12, 45.0, 0.25, (0.6, 1.4)), (16, 0.0, 0.0, (1.0, 1.0))],
+)
+def test_samples_equal_torchvision_resize_affine_normalize(image_size, degrees, translate, scale):
+    dm = DigitsDataModule(image_size=image_size, max_rotation=degrees, max_translate=translate, scale=scale)
+    dm.setup("fit")
+    digits = load_digits()
+    train_idx, held_out_idx = train_test_split(range(1797), test_size=0.2, stratify=digits.target, random_state=0)
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    train_8px, held_out_8px = images[train_idx], images[held_out_idx]
+    mean, std = train_8px.mean().item(), train_8px.std().item()
+    train_tf, eval_tf = _torchvision_pipeline(image_size, degrees, translate, scale, mean, std)
+    for index in range(0, 1437, 97):
+        torch.manual_seed(index)
+        expected, after_expected = train_tf(train_8px[index]), torch.rand(4)
+        torch.manual_seed(index)
+        (image, label), after = dm.train_set[index], torch.rand(4)
+        assert torch.equal(image, expected) and label == digits.target[train_idx[index]]
+        # The same draws from torch's RNG, no more and no fewer: the next numbers agree too.
+        assert torch.equal(after, after_expected)
+    assert all(torch.equal(dm.val_set[i][0], eval_tf(held_out_8px[i])) for i in range(0, 360, 11))
+
+
+def test_random_affine_normalize_equals_torchvision_and_checks_the_size():
+    affine = RandomAffineNormalize(degrees=20.0, translate=0.15, scale=(0.8, 1.2), mean=0.25, std=2.0, size=10)
+    reference = v2.Compose([
+        v2.RandomAffine(20.0, translate=(0.15, 0.15), scale=(0.8, 1.2), interpolation=v2.InterpolationMode.BILINEAR),
+        v2.Normalize([0.25], [2.0]),
+    ])  # fmt: skip
+    image = torch.rand(1, 10, 10)
+    outputs = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(affine(image), expected)
+        outputs.add(expected.sum().item())
+    assert len(outputs) == 20, "every seed moves the image differently"
+    with pytest.raises(ValueError, match=r"built for 10x10 images, got 8x8"):
+        affine(torch.rand(1, 8, 8))
 
 
 @pytest.mark.parametrize(
