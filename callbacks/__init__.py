@@ -2,9 +2,10 @@
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["GradNormMonitor", "GradientAccumulation", "LRSchedule", "ResumableCheckpoint"]
+__all__ = ["ExponentialMovingAverage", "GradNormMonitor", "GradientAccumulation", "LRSchedule", "ResumableCheckpoint"]
 
 _MODULES = {
+    "ExponentialMovingAverage": "ema",
     "GradNormMonitor": "grad_norm",
     "GradientAccumulation": "accumulation",
     "LRSchedule": "lr_schedule",
@@ -14,6 +15,7 @@ _MODULES = {
 if TYPE_CHECKING:
     from .accumulation import GradientAccumulation
     from .checkpoint import ResumableCheckpoint
+    from .ema import ExponentialMovingAverage
     from .grad_norm import GradNormMonitor
     from .lr_schedule import LRSchedule
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # README, "Copying a callback": exact resume needs these three files side by side; each other callback is one file.
 EXACT_RESUME = ["checkpoint.py", "checkpoint_io.py", "resumable_loader.py"]
-SINGLE_FILES = ["lr_schedule.py", "grad_norm.py", "accumulation.py"]
+SINGLE_FILES = ["lr_schedule.py", "grad_norm.py", "accumulation.py", "ema.py"]
 
 SCRIPT = '''
 import sys
@@ -30,6 +30,7 @@ from {package}checkpoint import ResumableCheckpoint
 from {package}lr_schedule import LRSchedule
 from {package}grad_norm import GradNormMonitor
 from {package}accumulation import GradientAccumulation
+from {package}ema import ExponentialMovingAverage
 
 
 class Net(L.LightningModule):
@@ -58,8 +59,9 @@ class Stop(L.Callback):
 
 
 L.seed_everything(0, verbose=False)
+ema = ExponentialMovingAverage(decay=0.9, update_every_n_steps=2)
 callbacks = [ResumableCheckpoint(every_n_steps=2), LRSchedule(warmup_steps=2), GradNormMonitor(),
-             GradientAccumulation(global_batch_size=8)]
+             GradientAccumulation(global_batch_size=8), ema]
 if int(sys.argv[2]) >= 0:
     callbacks.append(Stop())
 trainer = L.Trainer(default_root_dir=sys.argv[1], max_epochs=2, logger=False, enable_progress_bar=False,
@@ -69,7 +71,9 @@ try:
     trainer.fit(model, ckpt_path=sys.argv[3] if len(sys.argv) > 3 else None)
 except RuntimeError as err:
     print("stopped:", err)
-torch.save(model.state_dict(), sys.argv[1] + "/weights.pt")
+weights = model.state_dict()
+weights.update(("ema." + name, value) for name, value in ema.state_dict()["average"].items())
+torch.save(weights, sys.argv[1] + "/weights.pt")
 assert not [m for m in sys.modules if m.startswith("lightning_recipes")], "the copied files imported this package"
 '''
 
@@ -102,6 +106,7 @@ def test_copied_files_resume_bit_exact_in_a_foreign_project(tmp_path, layout):
     _run(project, str(tmp_path / "run"), "-1", "last")
     reference = torch.load(tmp_path / "reference/weights.pt", weights_only=True)
     resumed = torch.load(tmp_path / "run/weights.pt", weights_only=True)
+    assert any(k.startswith("ema.") for k in reference)  # the EMA average resumes too
     assert all(torch.equal(resumed[k], v) for k, v in reference.items())
 
 
