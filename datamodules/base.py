@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from typing_extensions import override
 
 from lightning_recipes.callbacks.resumable_loader import ResumableDataLoader
 
@@ -31,7 +33,18 @@ class ImageClassificationDataModule(LightningDataModule):
         num_workers: int,
         pin_memory: Optional[bool],
         persistent_workers: bool,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ra_reps: int = 1,
     ) -> None:
+        """
+        Args:
+            batch_size, num_workers, pin_memory, persistent_workers: the DataLoader's; see the subclasses.
+            mixup_alpha: MixUp's Beta(alpha, alpha) on training batches (Zhang et al., 2018); 0 disables it.
+            cutmix_alpha: CutMix's Beta(alpha, alpha) on training batches (Yun et al., 2019); 0 disables it.
+            ra_reps: repeated augmentation (Hoffer et al., 2020): each training image appears this many times per
+                epoch, differently augmented, spread over the processes (torchvision's ``--ra-reps``); 1 disables it.
+        """
         super().__init__()
         _check_positive_int("batch_size", batch_size)
         check_number(
@@ -42,8 +55,15 @@ class ImageClassificationDataModule(LightningDataModule):
             integer=True,
             at_least=0,
         )
+        for name, value in (("mixup_alpha", mixup_alpha), ("cutmix_alpha", cutmix_alpha)):
+            check_number(name, value, "Beta's alpha must be a finite value >= 0 (0 disables it)",
+                         option=f"--data.{name}", at_least=0)  # fmt: skip
+        reps = "the copies of each image per epoch are an int >= 1 (1 disables repeated augmentation)"
+        check_number("ra_reps", ra_reps, reps, option="--data.ra_reps", integer=True, at_least=1)
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.mixup_alpha, self.cutmix_alpha, self.ra_reps = float(mixup_alpha), float(cutmix_alpha), ra_reps
+        self._mixer: Optional[v2.Transform] = None
         # None = pin when CUDA is there to receive the batches; pinning on a CPU-only run only costs time.
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         # Workers that outlive an epoch skip the fork + dataset pickling at every epoch start.
@@ -85,7 +105,27 @@ class ImageClassificationDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            repeated_augmentations=self.ra_reps,
         )
+
+    @override
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """MixUp / CutMix on a training batch, on its device: ``(images, labels)`` -> ``(images, soft targets)``.
+
+        torchvision's ``train.py`` recipe: one of ``v2.MixUp`` / ``v2.CutMix`` per batch, chosen with p = 0.5
+        (``v2.RandomChoice``), each pairing image i with image i - 1 of the batch. The targets become float
+        ``(batch, num_classes)`` rows summing to 1. The draws come from torch's global (CPU) RNG, which
+        ResumableCheckpoint saves, so a mid-epoch resume mixes the same way. Validation, test and predict
+        batches keep their integer labels. Lightning calls this hook only for a data module given to the
+        Trainer (``trainer.fit(model, datamodule=...)``).
+        """
+        if self.trainer is None or not self.trainer.training or (self.mixup_alpha == 0 and self.cutmix_alpha == 0):
+            return batch
+        if self._mixer is None:
+            self._mixer = batch_mixer(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha,
+                                      num_classes=self.num_classes)  # fmt: skip
+        images, labels = batch
+        return self._mixer(images, labels)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -95,6 +135,20 @@ class ImageClassificationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+
+def batch_mixer(*, mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Optional[v2.Transform]:
+    """MixUp / CutMix of a batch, one of them chosen with p = 0.5: torchvision's ``get_mixup_cutmix`` (``train.py``).
+
+    None when both alphas are 0. With one alpha > 0 it is a ``RandomChoice`` of that one alone, as the reference
+    builds it, so the draws from torch's global RNG are the reference's.
+    """
+    mixers: list[v2.Transform] = []
+    if mixup_alpha > 0:
+        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    return v2.RandomChoice(mixers) if mixers else None
 
 
 def check_number(

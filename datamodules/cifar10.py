@@ -5,11 +5,21 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-import torch
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule, check_number
+from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int
+from lightning_recipes.datamodules.transforms import (
+    AUGMIX_SEVERITY,
+    RA_MAGNITUDE,
+    AutoAugment,
+    Interpolation,
+    check_augment_options,
+    check_mean_std,
+    eval_transform,
+    resolve_eval_settings,
+    train_transform,
+)
 
 # Per-channel statistics of the 50,000 training images (the values torchvision's and timm's CIFAR recipes use).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -26,21 +36,37 @@ class CIFAR10DataModule(ImageClassificationDataModule):
     do. CIFAR-10 has no separate validation split, so a number reported on ``val`` is a test number: do not
     tune hyper-parameters on it if you want an unbiased final score.
 
+    Train: RandomCrop(32, padding=4) [+ Resize(val_crop_size)] + horizontal flip [+ auto-augment] + normalize
+    [+ RandomErasing], then [MixUp / CutMix] per batch, in the order of torchvision's presets. Val: the 32×32
+    image normalized; with ``val_resize_size`` / ``val_crop_size`` (or ``weights_transforms``, to fine-tune
+    pretrained weights at their resolution), Resize + CenterCrop first, and training images are resized to
+    ``val_crop_size`` after their crop, so that ``image_size`` is one size for both.
+
     Nothing touches the network unless ``download=True``. Files present on disk are always checked against
     torchvision's md5 sums, so a truncated copy fails loudly instead of training on garbage.
     """
 
     num_classes = 10
     in_channels = 3
-    image_size = 32
 
     def __init__(
         self,
         *,
         data_dir: str = "data",
         download: bool = False,
-        trivial_augment: bool = False,
+        auto_augment: Optional[AutoAugment] = None,
+        ra_magnitude: int = RA_MAGNITUDE,
+        augmix_severity: int = AUGMIX_SEVERITY,
+        interpolation: Optional[Interpolation] = None,
         random_erasing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ra_reps: int = 1,
+        weights_transforms: Optional[str] = None,
+        val_resize_size: Optional[int] = None,
+        val_crop_size: Optional[int] = None,
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
         batch_size: int = 128,
         num_workers: int = 4,
         pin_memory: Optional[bool] = None,
@@ -50,22 +76,61 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         Args:
             data_dir: folder that holds (or will receive) ``cifar-10-batches-py/``.
             download: fetch the 170 MB archive from cs.toronto.edu in ``prepare_data`` when the files are missing.
-            trivial_augment: add TrivialAugmentWide (Müller & Hutter, 2021) after crop + flip on training images.
+            auto_augment: policy after crop + flip (torchvision's ``--auto-augment``): "ra" RandAugment (2 ops),
+                "ta_wide" TrivialAugmentWide, "augmix" AugMix, "imagenet" / "cifar10" / "svhn" AutoAugment.
+            ra_magnitude: RandAugment's magnitude, 0-30 (with ``auto_augment="ra"``).
+            augmix_severity: AugMix's severity, 1-10 (with ``auto_augment="augmix"``).
+            interpolation: of the resizes and of the auto-augment policy's geometric ops; None = "bilinear"
+                (torchvision's ``--interpolation`` default), or the weights'.
             random_erasing: probability of RandomErasing (Zhong et al., 2020) on a training image; 0 disables it.
+            mixup_alpha: MixUp's Beta(alpha, alpha) on training batches (Zhang et al., 2018); 0 disables it.
+            cutmix_alpha: CutMix's Beta(alpha, alpha) on training batches (Yun et al., 2019); 0 disables it.
+            ra_reps: repeated augmentation: copies of each training image per epoch (torchvision's ``--ra-reps``
+                with ``--ra-sampler``); 1 disables it.
+            weights_transforms: a torchvision weights name, e.g. "ResNet50_Weights.IMAGENET1K_V2": evaluate with
+                its transforms (sets the val sizes, mean, std and interpolation; nothing is downloaded).
+            val_resize_size: shorter side val images are resized to; None = 32 (no resize), or the weights'.
+            val_crop_size: side of the center crop of val images, and of training images; also ``image_size``.
+                None = 32, or the weights'.
+            mean: per-channel RGB mean subtracted after scaling pixels to [0, 1]; None = CIFAR-10's, or the weights'.
+            std: per-channel RGB standard deviation divided by; None = CIFAR-10's, or the weights'.
             batch_size: images per step, per process.
             num_workers: DataLoader worker processes (PIL decoding + augmentation runs there).
             pin_memory: page-lock batches for faster host-to-GPU copies; None = only when CUDA is present.
             persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
         """
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
-        )
-        erasing = "it is a probability in [0, 1] (0 disables it)"
-        check_number("random_erasing", random_erasing, erasing, option="--data.random_erasing", at_least=0, at_most=1)
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, ra_reps=ra_reps,
+        )  # fmt: skip
+        check_augment_options(auto_augment=auto_augment, ra_magnitude=ra_magnitude, augmix_severity=augmix_severity,
+                              interpolation=interpolation, random_erasing=random_erasing)  # fmt: skip
+        given = dict(val_resize_size=val_resize_size, val_crop_size=val_crop_size, mean=mean, std=std,
+                     interpolation=interpolation)  # fmt: skip
+        for name in ("val_resize_size", "val_crop_size"):
+            if given[name] is not None:
+                _check_positive_int(name, given[name])
+        if mean is not None or std is not None:
+            check_mean_std(CIFAR10_MEAN if mean is None else mean, CIFAR10_STD if std is None else std)
+        defaults = dict(val_resize_size=32, val_crop_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                        interpolation="bilinear")  # fmt: skip
+        settings = resolve_eval_settings(weights_transforms, given, defaults)
+        if settings["val_crop_size"] > settings["val_resize_size"]:
+            # CenterCrop larger than the resized image pads it with black borders.
+            raise ValueError(
+                f"val_crop_size={settings['val_crop_size']!r} is invalid with val_resize_size="
+                f"{settings['val_resize_size']!r}: the crop must not exceed the resized shorter side "
+                "(--data.val_crop_size)."
+            )
         self.data_dir = data_dir
         self.download = download
-        self.trivial_augment = trivial_augment
+        self.auto_augment, self.ra_magnitude, self.augmix_severity = auto_augment, ra_magnitude, augmix_severity
+        self.interpolation: str = settings["interpolation"]
         self.random_erasing = float(random_erasing)
+        self.weights_transforms = weights_transforms
+        self.val_resize_size, self.val_crop_size = settings["val_resize_size"], settings["val_crop_size"]
+        self.mean, self.std = tuple(settings["mean"]), tuple(settings["std"])
+        self.image_size = self.val_crop_size
         self.classes = list(CIFAR10_CLASSES)
         self.save_hyperparameters()
 
@@ -74,19 +139,22 @@ class CIFAR10DataModule(ImageClassificationDataModule):
         return os.path.join(self.data_dir, CIFAR10.base_folder)
 
     def train_transform(self) -> v2.Compose:
-        steps: list = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()]
-        if self.trivial_augment:
-            steps.append(v2.TrivialAugmentWide())
-        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-        if self.random_erasing > 0:
-            # After Normalize, as in torchvision's references: erased pixels become 0, the data set mean.
-            steps.append(v2.RandomErasing(p=self.random_erasing))
-        return v2.Compose(steps)
+        crop: list[v2.Transform] = [v2.RandomCrop(32, padding=4)]
+        if self.val_crop_size != 32:
+            crop.append(v2.Resize(self.val_crop_size, interpolation=v2.InterpolationMode(self.interpolation),
+                                  antialias=True))  # fmt: skip
+        return train_transform(
+            crop, hflip=True, auto_augment=self.auto_augment, interpolation=self.interpolation,
+            ra_magnitude=self.ra_magnitude, augmix_severity=self.augmix_severity, mean=self.mean, std=self.std,
+            random_erasing=self.random_erasing,
+        )  # fmt: skip
 
     def eval_transform(self) -> v2.Compose:
-        return v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-        )
+        native = (self.val_resize_size, self.val_crop_size) == (32, 32)  # the stored size: nothing to resize
+        return eval_transform(
+            resize_size=None if native else self.val_resize_size, crop_size=None if native else self.val_crop_size,
+            interpolation=self.interpolation, mean=self.mean, std=self.std,
+        )  # fmt: skip
 
     def _check_files(self) -> None:
         # Existence only (cheap); torchvision's md5 check runs when the data set is built.

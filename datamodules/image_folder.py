@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional
 
-import torch
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int, check_number
+from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int
+from lightning_recipes.datamodules.transforms import (
+    AUGMIX_SEVERITY,
+    RA_MAGNITUDE,
+    AutoAugment,
+    Interpolation,
+    check_augment_options,
+    check_mean_std,
+    eval_transform,
+    resolve_eval_settings,
+    train_transform,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,8 +34,10 @@ class ImageFolderDataModule(ImageClassificationDataModule):
     (``.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp``, any case, in nested folders too) are read and
     converted to RGB. ``test`` and ``predict`` use ``val``: keep a held-out copy elsewhere for a final score.
 
-    Train: RandomResizedCrop(train_crop_size) [+ horizontal flip] [+ TrivialAugmentWide] + normalize
-    [+ RandomErasing]. Val: Resize(val_resize_size) (shorter side) + CenterCrop(val_crop_size) + normalize.
+    The transforms are torchvision's classification presets (references/classification/presets.py). Train:
+    RandomResizedCrop(train_crop_size) [+ horizontal flip] [+ auto-augment] + normalize [+ RandomErasing], then
+    [MixUp / CutMix] per batch. Val: Resize(val_resize_size) (shorter side) + CenterCrop(val_crop_size) + normalize,
+    or exactly a torchvision weights' eval transforms with ``weights_transforms``.
 
     ``image_size`` is ``val_crop_size``, the size evaluated and predicted on. Training at a smaller
     ``train_crop_size`` (FixRes, Touvron et al., 2019) works with convolutional nets; a ViT with learned
@@ -43,13 +54,20 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         *,
         root: str,
         train_crop_size: int = 224,
-        val_resize_size: int = 256,
-        val_crop_size: int = 224,
+        val_resize_size: Optional[int] = None,
+        val_crop_size: Optional[int] = None,
         hflip: bool = True,
-        trivial_augment: bool = False,
+        auto_augment: Optional[AutoAugment] = None,
+        ra_magnitude: int = RA_MAGNITUDE,
+        augmix_severity: int = AUGMIX_SEVERITY,
+        interpolation: Optional[Interpolation] = None,
         random_erasing: float = 0.0,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ra_reps: int = 1,
+        weights_transforms: Optional[str] = None,
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
         batch_size: int = 64,
         num_workers: int = 4,
         pin_memory: Optional[bool] = None,
@@ -59,70 +77,79 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         Args:
             root: folder that holds ``train/`` and ``val/``, each with one subfolder of images per class.
             train_crop_size: side of the random-resized crop taken from each training image.
-            val_resize_size: the shorter side of a val image is resized to this before the center crop.
-            val_crop_size: side of the center crop of val images; also ``image_size``.
+            val_resize_size: the shorter side of a val image is resized to this before the center crop;
+                None = 256, or the weights' with ``weights_transforms``.
+            val_crop_size: side of the center crop of val images; also ``image_size``. None = 224, or the weights'.
             hflip: random horizontal flip of training images (turn off for text, digits, asymmetric classes).
-            trivial_augment: add TrivialAugmentWide (Müller & Hutter, 2021) to training images.
+            auto_augment: policy after crop + flip (torchvision's ``--auto-augment``): "ra" RandAugment (2 ops),
+                "ta_wide" TrivialAugmentWide, "augmix" AugMix, "imagenet" / "cifar10" / "svhn" AutoAugment.
+            ra_magnitude: RandAugment's magnitude, 0-30 (with ``auto_augment="ra"``).
+            augmix_severity: AugMix's severity, 1-10 (with ``auto_augment="augmix"``).
+            interpolation: of the resizes and of the auto-augment policy's geometric ops; None = "bilinear"
+                (torchvision's ``--interpolation`` default), or the weights'.
             random_erasing: probability of RandomErasing (Zhong et al., 2020) on a training image; 0 disables it.
-            mean: per-channel RGB mean subtracted after scaling pixels to [0, 1]; ImageNet's by default.
-            std: per-channel RGB standard deviation divided by; ImageNet's by default.
+            mixup_alpha: MixUp's Beta(alpha, alpha) on training batches (Zhang et al., 2018); 0 disables it.
+            cutmix_alpha: CutMix's Beta(alpha, alpha) on training batches (Yun et al., 2019); 0 disables it.
+            ra_reps: repeated augmentation: copies of each training image per epoch (torchvision's ``--ra-reps``
+                with ``--ra-sampler``); 1 disables it.
+            weights_transforms: a torchvision weights name, e.g. "ResNet50_Weights.IMAGENET1K_V2": evaluate with
+                its transforms (sets the val sizes, mean, std and interpolation; nothing is downloaded).
+            mean: per-channel RGB mean subtracted after scaling pixels to [0, 1]; None = ImageNet's, or the weights'.
+            std: per-channel RGB standard deviation divided by; None = ImageNet's, or the weights'.
             batch_size: images per step, per process.
             num_workers: DataLoader worker processes (JPEG decoding + augmentation runs there).
             pin_memory: page-lock batches for faster host-to-GPU copies; None = only when CUDA is present.
             persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
         """
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
-        )
-        for name, value in (
-            ("train_crop_size", train_crop_size),
-            ("val_resize_size", val_resize_size),
-            ("val_crop_size", val_crop_size),
-        ):
-            _check_positive_int(name, value)
-        if val_crop_size > val_resize_size:
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, ra_reps=ra_reps,
+        )  # fmt: skip
+        check_augment_options(auto_augment=auto_augment, ra_magnitude=ra_magnitude, augmix_severity=augmix_severity,
+                              interpolation=interpolation, random_erasing=random_erasing)  # fmt: skip
+        given = dict(val_resize_size=val_resize_size, val_crop_size=val_crop_size, mean=mean, std=std,
+                     interpolation=interpolation)  # fmt: skip
+        _check_positive_int("train_crop_size", train_crop_size)
+        for name in ("val_resize_size", "val_crop_size"):
+            if given[name] is not None:
+                _check_positive_int(name, given[name])
+        if mean is not None or std is not None:
+            check_mean_std(IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std)
+        defaults = dict(val_resize_size=256, val_crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                        interpolation="bilinear")  # fmt: skip
+        settings = resolve_eval_settings(weights_transforms, given, defaults)
+        if settings["val_crop_size"] > settings["val_resize_size"]:
             # CenterCrop larger than the resized image pads it with black borders.
             raise ValueError(
-                f"val_crop_size={val_crop_size!r} is invalid with val_resize_size={val_resize_size!r}: "
-                "the crop must not exceed the resized shorter side (--data.val_crop_size; torchvision uses 224 of 256)."
+                f"val_crop_size={settings['val_crop_size']!r} is invalid with val_resize_size="
+                f"{settings['val_resize_size']!r}: the crop must not exceed the resized shorter side "
+                "(--data.val_crop_size; torchvision uses 224 of 256)."
             )
-        erasing = "it is a probability in [0, 1] (0 disables it)"
-        check_number("random_erasing", random_erasing, erasing, option="--data.random_erasing", at_least=0, at_most=1)
-        if len(mean) != 3 or not all(_is_finite(m) for m in mean):
-            raise ValueError(f"mean={mean!r} is invalid: give 3 values, one per RGB channel, all finite (--data.mean).")
-        if len(std) != 3 or not all(_is_finite(s) and s > 0 for s in std):
-            raise ValueError(f"std={std!r} is invalid: give 3 positive values, one per RGB channel (--data.std).")
         self.root = root
-        self.train_crop_size, self.val_resize_size, self.val_crop_size = train_crop_size, val_resize_size, val_crop_size
-        self.hflip, self.trivial_augment, self.random_erasing = hflip, trivial_augment, float(random_erasing)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self.image_size = val_crop_size
+        self.train_crop_size = train_crop_size
+        self.val_resize_size, self.val_crop_size = settings["val_resize_size"], settings["val_crop_size"]
+        self.hflip, self.random_erasing = hflip, float(random_erasing)
+        self.auto_augment, self.ra_magnitude, self.augmix_severity = auto_augment, ra_magnitude, augmix_severity
+        self.interpolation: str = settings["interpolation"]
+        self.weights_transforms = weights_transforms
+        self.mean, self.std = tuple(settings["mean"]), tuple(settings["std"])
+        self.image_size = self.val_crop_size
         self.classes = _check_layout(root)
         self.num_classes = len(self.classes)
         self.save_hyperparameters()
 
     def train_transform(self) -> v2.Compose:
-        steps: list = [v2.RandomResizedCrop(self.train_crop_size, antialias=True)]
-        if self.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-        if self.trivial_augment:
-            steps.append(v2.TrivialAugmentWide())
-        steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
-        if self.random_erasing > 0:
-            # After Normalize, as in torchvision's references: erased pixels become 0, the data set mean.
-            steps.append(v2.RandomErasing(p=self.random_erasing))
-        return v2.Compose(steps)
+        mode = v2.InterpolationMode(self.interpolation)
+        return train_transform(
+            [v2.RandomResizedCrop(self.train_crop_size, interpolation=mode, antialias=True)],
+            hflip=self.hflip, auto_augment=self.auto_augment, interpolation=self.interpolation,
+            ra_magnitude=self.ra_magnitude, augmix_severity=self.augmix_severity, mean=self.mean, std=self.std,
+            random_erasing=self.random_erasing,
+        )  # fmt: skip
 
     def eval_transform(self) -> v2.Compose:
-        return v2.Compose(
-            [
-                v2.Resize(self.val_resize_size, antialias=True),
-                v2.CenterCrop(self.val_crop_size),
-                v2.ToImage(),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(self.mean, self.std),
-            ]
-        )
+        return eval_transform(resize_size=self.val_resize_size, crop_size=self.val_crop_size,
+                              interpolation=self.interpolation, mean=self.mean, std=self.std)  # fmt: skip
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit") and self.train_set is None:
@@ -168,10 +195,6 @@ def _check_layout(root: str) -> list[str]:
                     f"remove the folder from both train/ and val/ (every subfolder of train/ is a class)."
                 )
     return classes["train"]
-
-
-def _is_finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _has_image(folder: str) -> bool:

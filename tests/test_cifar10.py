@@ -65,9 +65,9 @@ def test_train_batches_are_augmented_and_labelled(cifar_dir):
     assert not (images == 0).any()  # no erasing unless asked
 
 
-def test_random_erasing_and_trivial_augment_are_added_to_train_only(cifar_dir):
+def test_random_erasing_and_ta_wide_are_added_to_train_only(cifar_dir):
     torch.manual_seed(0)
-    dm = CIFAR10DataModule(data_dir=cifar_dir, trivial_augment=True, random_erasing=1.0, batch_size=20, num_workers=0)
+    dm = CIFAR10DataModule(data_dir=cifar_dir, auto_augment="ta_wide", random_erasing=1.0, batch_size=20, num_workers=0)
     dm.setup("fit")
     train_steps = [type(t) for t in dm.train_set.transform.transforms]
     assert v2.TrivialAugmentWide in train_steps and train_steps[-1] is v2.RandomErasing

@@ -52,7 +52,8 @@ def _data_overrides(config: Path, tmp_path: Path, monkeypatch) -> list[str]:
         write_cifar(tmp_path / "cifar", monkeypatch)
         return [f"--data.data_dir={tmp_path / 'cifar'}", "--data.batch_size=4", "--data.num_workers=0"]
     if "ImageFolderDataModule" in text:
-        root = write_tree(tmp_path / "images", per_class=(4, 2))
+        # Repeated augmentation needs 256 training images per process (torchvision's RASampler rounds to 256).
+        root = write_tree(tmp_path / "images", per_class=(86, 2) if "ra_reps:" in text else (4, 2))
         return [
             f"--data.root={root}",
             "--data.train_crop_size=32",

@@ -80,7 +80,7 @@ def test_grey_and_rgba_files_are_read_as_rgb(tmp_path):
 
 
 def test_augmentation_switches_change_the_train_transform_only(root):
-    dm = ImageFolderDataModule(root=root, **SIZES, hflip=False, trivial_augment=True, random_erasing=0.5)
+    dm = ImageFolderDataModule(root=root, **SIZES, hflip=False, auto_augment="ta_wide", random_erasing=0.5)
     steps = [type(t) for t in dm.train_transform().transforms]
     assert steps == [
         v2.RandomResizedCrop, v2.TrivialAugmentWide, v2.ToImage, v2.ToDtype, v2.Normalize, v2.RandomErasing
