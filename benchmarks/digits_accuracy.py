@@ -3,9 +3,11 @@
     python benchmarks/digits_accuracy.py                      # 3 seeds × {resnet, vit} + SVC, in this process
     python benchmarks/digits_accuracy.py --cli --seeds 0 1 2 3 4   # each run a fresh `python recipes/<r>.py fit`
     python benchmarks/digits_accuracy.py --seeds 0 --recipes vit --json /tmp/vit.json -- --trainer.max_epochs 5
+    python benchmarks/digits_accuracy.py --recipes vit --json /tmp/candidate.json -- --config candidate.yaml
 
 Each run is the recipe's default `fit` (what a user gets with no arguments) with only the seed, the output
-folder and the progress bar changed; anything after `--` is passed to every run. The accuracy reported is
+folder and the progress bar changed; anything after `--` is passed to every run (a `--config` there replaces the
+recipe's default config, as on the command line). The accuracy reported is
 that of the *final* weights on the 360 held-out images. Digits has no third split, so picking the best
 epoch by that accuracy would be selecting on the test set; we don't.
 
@@ -88,14 +90,24 @@ def time_to_pass(curve: list[dict], start: float, threshold: float) -> tuple[Opt
 
 
 def _args(seed: int, out_dir: Path, extra: list[str]) -> list[str]:
+    # A `--config` given after `--` goes first: the overrides below name its logger's arguments.
+    configs, rest, i = [], [], 0
+    while i < len(extra):
+        if extra[i] in ("--config", "-c"):
+            configs += extra[i : i + 2]
+            i += 2
+        else:
+            (configs if extra[i].startswith("--config=") else rest).append(extra[i])
+            i += 1
     return [
         "fit",
+        *configs,
         f"--seed_everything={seed}",
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         f"--trainer.default_root_dir={out_dir}",
         f"--trainer.logger.init_args.save_dir={out_dir}",
-        *extra,
+        *rest,
     ]
 
 
