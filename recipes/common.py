@@ -109,6 +109,20 @@ def check_decay_switch(name: str, value: object) -> None:
 class ImageClassifier(LightningModule):
     """Cross-entropy classification with top-1 (and top-5) accuracy; subclasses build ``self.model``.
 
+    Targets are class indices (int64, ``(batch,)``) or class probabilities (float, ``(batch, num_classes)``), as
+    MixUp / CutMix make them. The loss is ``nn.CrossEntropyLoss`` with label smoothing either way: the target
+    distribution ``p`` (one-hot for an index) becomes ``(1 - label_smoothing) * p + label_smoothing / C``. The
+    accuracy counts a prediction right when it is the target's argmax: on a mixed image, the class with the
+    larger share (as ``utils.accuracy`` in torchvision's references).
+
+    Logged in training, at Lightning's logging steps (every ``log_every_n_steps`` optimizer steps):
+    ``train/loss`` and ``train/acc`` (``train/acc_top5`` with more than 5 classes), each the mean over this
+    process's samples since the previous logging step; at each epoch end ``train/loss_epoch`` and
+    ``train/acc_epoch`` (``train/acc_top5_epoch``) over the epoch's samples of all processes (those since the
+    resume, after a mid-epoch resume). Other steps only add to sums on the device: no host sync, no
+    ``self.log``. In validation and test: ``val/loss``, ``val/acc`` (``val/acc_top5``) over the whole epoch
+    and all processes; ``test/...`` likewise.
+
     Subclasses return their optimizer from ``build_optimizer``. The learning-rate schedule is not here: it
     is the ``LRSchedule`` callback of the recipe's config (per optimizer step, warmup then decay), so that
     the same schedule code serves any LightningModule.
@@ -128,10 +142,18 @@ class ImageClassifier(LightningModule):
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top_k = (1, 5) if num_classes > 5 else (1,)
         self.metric_names = {1: "acc", 5: "acc_top5"}
-        for stage in ("train", "val", "test"):
+        for stage in ("val", "test"):
             for k in top_k:
-                setattr(self, f"{stage}_{self.metric_names[k]}", MulticlassAccuracy(num_classes, top_k=k, average="micro"))
+                # No argument validation: its torch.unique of the targets syncs with the device on every batch,
+                # and the loss has already refused labels out of range.
+                metric = MulticlassAccuracy(num_classes, top_k=k, average="micro", validate_args=False)
+                setattr(self, f"{stage}_{self.metric_names[k]}", metric)
         self.top_k = top_k
+        # Training sums on the device, [loss x samples, samples, correct top-k for each k]: since the last
+        # logging step, and over the epoch. Plain attributes, not buffers: DDP would broadcast rank 0's.
+        self._train_sums: Optional[torch.Tensor] = None
+        self._epoch_sums: Optional[torch.Tensor] = None
+        self._steps_before_batch = 0
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -163,26 +185,88 @@ class ImageClassifier(LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
         loss = self.criterion(logits, targets)
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
+        self._steps_before_batch = self.trainer.global_step  # the optimizer steps after this returns, if at all
+        with torch.no_grad():
+            # Kernels with the batch size as an argument: no host-to-device copy, nothing waits for the device.
+            samples = torch.full((), len(targets), dtype=torch.float32, device=loss.device)
+            sums = torch.stack([loss.float() * len(targets), samples, *self._correct(logits, targets)])
+            if self._train_sums is None:
+                self._train_sums, self._epoch_sums = torch.zeros_like(sums), torch.zeros_like(sums)
+            self._train_sums += sums
+            self._epoch_sums += sums
+        return loss
+
+    def on_train_start(self) -> None:
+        self._train_sums = self._epoch_sums = None  # nothing left over from an earlier fit of this module
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._train_sums is None or not self._is_logging_step():
+            return
+        # One device-to-host copy per logging step (the loggers would sync for the values anyway); the progress
+        # bar then reads host tensors on every refresh instead of syncing with the device each time.
+        loss_sum, samples, *correct = self._train_sums.to("cpu", copy=True)
+        self._train_sums.zero_()
+        self.log("train/loss", loss_sum / samples, prog_bar=True)
+        for k, right in zip(self.top_k, correct):
+            self.log(f"train/{self.metric_names[k]}", right / samples, prog_bar=k == 1)
+
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes this batch's step metrics to the loggers (called in ``on_train_batch_end``).
+
+        Lightning 2.6's rule (``_LoggerConnector.should_update_logs``, private) from public Trainer state: not
+        inside an accumulation window (no optimizer step in this batch), then every step under
+        ``fast_dev_run``, else when the optimizer steps taken are a multiple of ``log_every_n_steps`` or the
+        Trainer is stopping. Lightning counts ``_batches_that_stepped + 1`` before its increment; that equals
+        ``global_step`` after this batch's step (one optimizer, automatic optimization).
+        """
+        trainer = self.trainer
+        if trainer.global_step == self._steps_before_batch:
+            return False
+        if trainer.fast_dev_run:
+            return True
+        every = trainer.log_every_n_steps
+        return every > 0 and (trainer.global_step % every == 0 or trainer.should_stop)
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_sums is None:
+            return
+        # Summed over processes before dividing: exact with unequal sample counts per rank.
+        loss_sum, samples, *correct = self.trainer.strategy.reduce(self._epoch_sums.clone(), reduce_op="sum")
+        self._epoch_sums.zero_()
+        # Every process now holds the same values: "max" over processes returns them exactly (a mean could round)
+        # and tells Lightning they are synced (unsynced epoch values make it warn under DDP).
+        self.log("train/loss_epoch", loss_sum / samples, sync_dist=True, reduce_fx="max")
+        for k, right in zip(self.top_k, correct):
+            self.log(f"train/{self.metric_names[k]}_epoch", right / samples, sync_dist=True, reduce_fx="max")
+
+    def _correct(self, logits: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        """Correct predictions in the batch for each k of ``top_k``, float32 sums on the device."""
+        labels = targets.argmax(dim=-1) if targets.is_floating_point() else targets
+        correct = [(logits.argmax(dim=-1) == labels).sum()]
+        if 5 in self.top_k:
+            correct.append((logits.topk(5, dim=-1).indices == labels[:, None]).any(dim=-1).sum())
+        return [c.float() for c in correct]
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        self.log(f"{stage}/loss", self.criterion(logits, targets), prog_bar=True, sync_dist=True)
+        labels = targets.argmax(dim=-1) if targets.is_floating_point() else targets
         for k in self.top_k:
             name = self.metric_names[k]
             metric = getattr(self, f"{stage}_{name}")
-            metric(logits, targets)
+            metric.update(logits, labels)  # Lightning computes it (synced over processes) at the epoch end
             self.log(f"{stage}/{name}", metric, prog_bar=k == 1)
-        return loss
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._evaluate(batch, "val")
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._evaluate(batch, "test")
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, _ = batch

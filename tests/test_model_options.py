@@ -1,10 +1,21 @@
-"""The recipes' model options that follow torchvision's references: which parameters decay (its three switches)."""
+"""The recipes' model options: which parameters decay (torchvision's three switches), probability targets and
+the per-step cost of the training metrics."""
 
+import json
+import math
+import os
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 import yaml
+from lightning.pytorch import Trainer
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from recording_logger import RecordingLogger
+from two_processes import run_two_processes
 
 from lightning_recipes.recipes.common import param_groups
 from lightning_recipes.recipes.resnet import ResNetClassifier
@@ -197,3 +208,215 @@ def test_a_bad_decay_switch_names_the_option(cls, option, value):
              rf"\(--model\.{option}\)\.$")  # fmt: skip
     with pytest.raises(ValueError, match=match):
         cls(**{option: value})
+
+
+# ------------------------------------------------------------------------------------------------ soft targets
+
+
+def test_the_loss_of_probability_targets_is_cross_entropy_against_the_smoothed_distribution():
+    module = ViTClassifier(depth=1, width=16, heads=2, mlp_dim=16, label_smoothing=0.1)
+    torch.manual_seed(0)
+    logits = torch.randn(3, 10, dtype=torch.float64)
+    first, second, share = torch.tensor([1, 4, 9]), torch.tensor([7, 4, 0]), torch.tensor([0.7, 0.5, 0.2])
+    mixed = share[:, None] * F.one_hot(first, 10) + (1 - share[:, None]) * F.one_hot(second, 10)  # MixUp's targets
+    by_hand = 0.0
+    for row, target in zip(logits.tolist(), mixed.tolist()):
+        log_z = math.log(sum(math.exp(v) for v in row))
+        smoothed = [0.9 * t + 0.1 / 10 for t in target]  # (1 - eps) p + eps / C
+        by_hand += -sum(s * (v - log_z) for s, v in zip(smoothed, row)) / 3
+    assert module.criterion(logits, mixed.double()).item() == pytest.approx(by_hand, rel=1e-12)
+    # A class index is its one-hot distribution: the two target forms agree.
+    one_hot = F.one_hot(first, 10).double()
+    assert module.criterion(logits, first).item() == pytest.approx(module.criterion(logits, one_hot).item(), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------ per-step logging
+
+
+class Probe(ViTClassifier):
+    """Keeps what each training step saw, and logs a probe every step to show where Lightning writes step metrics."""
+
+    def __init__(self, **kwargs):
+        super().__init__(depth=1, width=16, heads=2, mlp_dim=16, **kwargs)
+        self.steps = []  # (the optimizer step the batch counts towards, logits, targets)
+
+    def training_step(self, batch, batch_idx):
+        self.log("probe", float(batch_idx))
+        self._batch, self._before = batch, self.trainer.global_step
+        return super().training_step(batch, batch_idx)
+
+    def forward(self, images):
+        self._logits = super().forward(images)
+        return self._logits
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        # 1-based: a batch inside an accumulation window counts towards the step after the current count.
+        step = self.trainer.global_step + (self.trainer.global_step == self._before)
+        self.steps.append((step, self._logits.detach().clone(), self._batch[1].clone()))
+        super().on_train_batch_end(outputs, batch, batch_idx)
+
+
+def _sums(steps, criterion):
+    """Sample-weighted mean loss, top-1 and top-5 accuracy of the steps given, computed again from their logits."""
+    n = sum(len(t) for _, _, t in steps)
+    loss = sum(criterion(logits, targets).item() * len(targets) for _, logits, targets in steps) / n
+    labels = [t.argmax(-1) if t.is_floating_point() else t for _, _, t in steps]
+    top1 = sum(int((logits.argmax(-1) == y).sum()) for (_, logits, _), y in zip(steps, labels)) / n
+    top5 = sum(int((logits.topk(5).indices == y[:, None]).any(-1).sum()) for (_, logits, _), y in zip(steps, labels)) / n
+    return loss, top1, top5
+
+
+@pytest.mark.parametrize(
+    ("soft", "log_every", "accumulate", "logged_at"),
+    [
+        # 7 batches an epoch, 2 epochs: optimizer steps 1..14, logged after steps 3, 6, 9, 12 (logger steps 2, 5, ...)
+        (False, 3, 1, [3, 6, 9, 12]),
+        # Accumulating 2 batches: steps after batches 2, 4, 6 and the epoch's last (7): 4 an epoch; every 2nd logs.
+        (True, 2, 2, [2, 4, 6, 8]),
+    ],
+)
+def test_train_metrics_are_logged_at_lightnings_logging_steps_as_means_over_the_window(soft, log_every, accumulate, logged_at, tmp_path):
+    torch.manual_seed(0)
+    images = torch.randn(14, 1, 8, 8)
+    if soft:  # MixUp-style: 60/40 mixes of two classes
+        targets = 0.6 * F.one_hot(torch.randint(0, 10, (14,)), 10) + 0.4 * F.one_hot(torch.randint(0, 10, (14,)), 10)
+    else:
+        targets = torch.randint(0, 10, (14,))
+    module, logger = Probe(), RecordingLogger()
+    trainer = Trainer(max_epochs=2, log_every_n_steps=log_every, accumulate_grad_batches=accumulate, logger=logger,
+                      default_root_dir=tmp_path, enable_progress_bar=False, enable_checkpointing=False,
+                      enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, DataLoader(TensorDataset(images, targets), batch_size=2))
+
+    train_rows = [(step, row) for step, row in logger.rows if "train/loss" in row]
+    # Exactly where Lightning writes a metric logged on every step (the probe), and nowhere else.
+    assert [step for step, _ in train_rows] == [step for step, row in logger.rows if "probe" in row]
+    assert [step + 1 for step, _ in train_rows] == logged_at  # the logger's step counts the steps before this one
+    start = 0
+    for (_, row), end in zip(train_rows, logged_at):
+        window = [s for s in module.steps if start < s[0] <= end]
+        start = end
+        loss, top1, top5 = _sums(window, module.criterion)
+        assert (row["train/loss"], row["train/acc"], row["train/acc_top5"]) == pytest.approx((loss, top1, top5), rel=1e-6)
+    epoch_rows = [row for _, row in logger.rows if "train/acc_epoch" in row]
+    assert len(epoch_rows) == 2
+    for epoch, row in enumerate(epoch_rows):
+        steps = module.steps[7 * epoch : 7 * (epoch + 1)]
+        loss, top1, top5 = _sums(steps, module.criterion)
+        assert (row["train/loss_epoch"], row["train/acc_epoch"], row["train/acc_top5_epoch"]) == pytest.approx(
+            (loss, top1, top5), rel=1e-6
+        )
+    # The progress bar shows the latest window.
+    assert trainer.progress_bar_metrics["train/loss"] == pytest.approx(train_rows[-1][1]["train/loss"])
+    assert trainer.progress_bar_metrics["train/acc"] == pytest.approx(train_rows[-1][1]["train/acc"])
+
+
+def test_steps_between_logging_steps_neither_log_nor_read_a_tensor_back_to_the_host(tmp_path, monkeypatch):
+    # On a GPU each read-back (item, tolist, bool, float, cpu, ...) waits for the device: only logging steps may.
+    reads, calls, watching = [], [], [False]
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "cpu", "to"):
+        def guard(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            if watching[0] and (_name != "to" or "cpu" in map(str, (*args, *kwargs.values()))):
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, guard)
+
+    class Watched(ViTClassifier):
+        def log(self, name, *args, **kwargs):
+            calls.append((self.trainer.global_step, name))
+            return super().log(name, *args, **kwargs)
+
+        def training_step(self, batch, batch_idx):
+            watching[0] = True
+            loss = super().training_step(batch, batch_idx)
+            watching[0] = False
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            watching[0] = self.trainer.global_step % 3 != 0  # logging steps: 3, 6
+            super().on_train_batch_end(outputs, batch, batch_idx)
+            watching[0] = False
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(14, 1, 8, 8), torch.randint(0, 10, (14,))), batch_size=2)
+    trainer = Trainer(max_steps=7, log_every_n_steps=3, logger=RecordingLogger(), default_root_dir=tmp_path,
+                      enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                      limit_val_batches=0)  # fmt: skip
+    trainer.fit(Watched(depth=1, width=16, heads=2, mlp_dim=16), data)
+    assert reads == []
+    names = ("train/loss", "train/acc", "train/acc_top5")
+    epoch_end = [(7, f"{n}_epoch") for n in names]
+    assert calls == [(s, n) for s in (3, 6) for n in names] + epoch_end
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+
+
+def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")  # fmt: skip
+    torch.set_num_threads(1)
+    generator = torch.Generator().manual_seed(rank)  # each rank its own 10 samples, 5 batches of 2
+    images = torch.randn(10, 1, 8, 8, generator=generator)
+    mix = torch.rand(10, 1, generator=generator) * 0.4 + 0.6  # MixUp-style soft targets
+    targets = mix * F.one_hot(torch.randint(0, 10, (10,), generator=generator), 10) + (1 - mix) * F.one_hot(
+        torch.randint(0, 10, (10,), generator=generator), 10
+    )
+    data = DataLoader(TensorDataset(images, targets), batch_size=2)
+    strategies = {
+        "ddp": (DDPStrategy(process_group_backend="gloo"), lambda: ResNetClassifier(stem_stride=2)),
+        "fsdp2": (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                  lambda: ViTClassifier(depth=1, width=16, heads=2, mlp_dim=16)),
+    }  # fmt: skip
+    for name, (strategy, build) in strategies.items():
+        torch.manual_seed(0)
+        module, logger, logits = build(), RecordingLogger(), []
+        forward = module.forward
+        module.forward = lambda x: logits.append(forward(x)) or logits[-1]
+        trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, log_every_n_steps=2,
+                          logger=logger, default_root_dir=out_dir, use_distributed_sampler=False,
+                          enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
+                          limit_val_batches=0)  # fmt: skip
+        trainer.fit(module, data)
+        record = {
+            "logits": torch.cat([t.detach() for t in logits]).tolist(),
+            "targets": targets.tolist(),
+            "rows": [(step, {k: float(v) for k, v in row.items()}) for step, row in logger.rows],
+        }
+        with open(os.path.join(out_dir, f"{name}-rank{rank}.json"), "w") as file:
+            json.dump(record, file)
+
+
+@pytest.mark.slow
+def test_under_ddp_and_fsdp2_each_rank_logs_its_window_and_the_epoch_is_over_all_ranks(tmp_path):
+    run_two_processes(_distributed_worker, str(tmp_path))
+    criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def sums(logits, targets):  # loss x samples, samples, top-1 and top-5 correct
+        labels = targets.argmax(-1)
+        return (criterion(logits, targets).item() * len(targets), len(targets),
+                int((logits.argmax(-1) == labels).sum()), int((logits.topk(5).indices == labels[:, None]).any(-1).sum()))  # fmt: skip
+
+    for name in ("ddp", "fsdp2"):
+        ranks = [json.loads((tmp_path / f"{name}-rank{rank}.json").read_text()) for rank in (0, 1)]
+        epoch = [0.0, 0, 0, 0]
+        for record in ranks:
+            logits, targets = torch.tensor(record["logits"]), torch.tensor(record["targets"])
+            assert logits.shape == (10, 10)  # 5 steps of 2
+            windows = [sums(logits[:4], targets[:4]), sums(logits[4:8], targets[4:8])]  # steps 1-2 and 3-4
+            rows = [(step, row) for step, row in record["rows"] if "train/loss" in row]
+            assert [step for step, _ in rows] == [1, 3]
+            for (_, row), (loss, n, top1, top5) in zip(rows, windows):
+                assert (row["train/loss"], row["train/acc"], row["train/acc_top5"]) == pytest.approx(
+                    (loss / n, top1 / n, top5 / n), rel=1e-5
+                )
+            epoch = [a + b for a, b in zip(epoch, sums(logits, targets))]
+        loss, n, top1, top5 = epoch
+        for record in ranks:  # the same epoch figures on both ranks: every rank's samples
+            (row,) = [row for _, row in record["rows"] if "train/acc_epoch" in row]
+            assert (row["train/loss_epoch"], row["train/acc_epoch"], row["train/acc_top5_epoch"]) == pytest.approx(
+                (loss / n, top1 / n, top5 / n), rel=1e-5
+            )
