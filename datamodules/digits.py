@@ -121,6 +121,9 @@ class DigitsDataModule(ImageClassificationDataModule):
         num_workers: int = 0,
         pin_memory: Optional[bool] = None,
         persistent_workers: bool = True,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        ra_reps: int = 1,
         val_fraction: float = 0.2,
         split_seed: int = 0,
     ) -> None:
@@ -136,12 +139,17 @@ class DigitsDataModule(ImageClassificationDataModule):
             num_workers: DataLoader worker processes; 0 is fastest here because the data is in memory.
             pin_memory: page-lock batches for faster host-to-GPU copies; None = only when CUDA is present.
             persistent_workers: keep workers alive between epochs (when ``num_workers > 0``).
+            mixup_alpha: MixUp's Beta(alpha, alpha) on training batches (Zhang et al., 2018); 0 disables it.
+            cutmix_alpha: CutMix's Beta(alpha, alpha) on training batches (Yun et al., 2019); 0 disables it.
+            ra_reps: repeated augmentation: copies of each training image per epoch, each augmented differently
+                (torchvision's ``--ra-reps``); 1 disables it.
             val_fraction: share of the 1,797 images held out (stratified).
             split_seed: seed of the stratified split; keep 0 to compare with the published numbers.
         """
         super().__init__(
-            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers
-        )
+            batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers,
+            mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, ra_reps=ra_reps,
+        )  # fmt: skip
         _check_positive_int("image_size", image_size)
         rotation = "the largest rotation must lie in [0, 180] degrees"
         check_number("max_rotation", max_rotation, rotation, option="--data.max_rotation", at_least=0, at_most=180)

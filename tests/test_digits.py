@@ -61,6 +61,17 @@ def test_workers_load_the_same_batches():
         assert torch.equal(a, b) and torch.equal(ya, yb)
 
 
+def test_mixup_cutmix_and_repeated_augmentation_reach_the_base_class():
+    dm = DigitsDataModule(mixup_alpha=0.2, cutmix_alpha=1.0, ra_reps=3, batch_size=64)
+    dm.setup("fit")
+    assert (dm.mixup_alpha, dm.cutmix_alpha, dm.ra_reps) == (0.2, 1.0, 3)
+    # torchvision's RASampler keeps len // 256 * 256 = 1,280 of the 1,437 images' 3 copies per epoch: 20 batches.
+    assert len(dm.train_dataloader()) == 20
+    plain = DigitsDataModule(batch_size=64)
+    plain.setup("fit")
+    assert len(plain.train_dataloader()) == 23  # ceil(1,437 / 64)
+
+
 def _torchvision_pipeline(image_size, degrees, translate, scale, mean, std):
     """The per-sample v2 pipeline the data module replaced: what its samples must equal, pixel for pixel."""
     resize = [] if image_size == 8 else [v2.Resize(image_size, antialias=True)]
@@ -120,6 +131,9 @@ def test_random_affine_normalize_equals_torchvision_and_checks_the_size():
         ({"num_workers": -1}, r"num_workers=-1 is invalid"),
         ({"val_fraction": 1.5}, r"val_fraction=1.5 is invalid"),
         ({"scale": (1.2, 0.8)}, r"scale=\(1.2, 0.8\) is invalid"),
+        ({"mixup_alpha": -0.2}, r"mixup_alpha=-0.2 is invalid: .*\(--data.mixup_alpha\)"),
+        ({"cutmix_alpha": float("nan")}, r"cutmix_alpha=nan is invalid: .*\(--data.cutmix_alpha\)"),
+        ({"ra_reps": 0}, r"ra_reps=0 is invalid: .*\(--data.ra_reps\)"),
     ],
 )
 def test_bad_arguments(kwargs, match):
