@@ -5,6 +5,11 @@ recipe as its config runs it, on the same model, data and precision, interleaved
     python benchmarks/overhead.py --steps 50 --reps 3               # quicker
     python benchmarks/overhead.py --device cuda --model vit_b16 --precision bf16-mixed [--compile]
     python benchmarks/overhead.py --device cuda --model resnet50 --precision bf16-mixed
+    python benchmarks/overhead.py --device cuda --model gpt2_124m --steps 30 --warmup 5 --reps 3 --no-breakdown
+
+The last is issue 12's GPU run of the GPT recipe (gpt2_124m.yaml: micro-batch 64 x 1024 tokens, bf16-mixed), about
+2 minutes on an H100-class GPU; it writes benchmarks/results/overhead_gpt2_124m.json (every model but the default
+writes ``overhead_<model>.json``, so that a GPU run never replaces the CPU figures README quotes).
 
 The three candidates share the model (built by the recipe's own class with the config's arguments, seed 0), the
 optimizer (the recipe's ``build_optimizer``), the gradient clipping, the precision and the data:
@@ -28,13 +33,22 @@ checkpoints (digits: ``ResumableCheckpoint(every_n_steps=100)`` plus one at ever
 
 Data: digits uses the 1,437 real training images of ``DigitsDataModule(image_size=16, augment=False)`` held in a
 ``TensorDataset`` (no augmentation: its cost is the data module's, not the loop's); the ImageNet models use one
-synthetic batch already on the device (data loading is not what is measured). ``--breakdown`` (on by default) adds
-the recipe's module without callbacks, then the logger, then each callback in config order, so that the recipe's
-extra cost is split by component; when a goal is missed (or with ``--profile always``) the bare Trainer and the
-recipe run once more under Lightning's SimpleProfiler and the JSON gets the milliseconds per step of every hook.
+synthetic batch already on the device (data loading is not what is measured), the GPT one batch of random token ids
+(GPT-2's vocabulary 50257, the config's context 1024). With one fixed batch, three callbacks are set to what the
+measured run can be: ``GradientAccumulation(global_batch_size=<batch size>)`` (the config accumulates 512 windows per
+step; k = 1 gives one optimizer step per batch, as the loop), the GPT's ``LRSchedule(warmup_steps=1)`` (715 would
+outlast the run) and ``ExponentialMovingAverage(adjust_to_run=False)`` (the fixed batch tells no batch size to adjust
+the decay by); none of them costs more or less per step for it. ``--breakdown`` (on by default) adds the recipe's
+module without callbacks, then the logger, then each callback in config order, so that the recipe's extra cost is
+split by component; when a goal is missed (or with ``--profile always``) the bare Trainer and the recipe run once more
+under Lightning's SimpleProfiler and the JSON gets the milliseconds per step of every hook.
 GPU mode (``--device cuda``) adds images/s and model FLOPs utilisation: FLOPs of one training step counted by
 ``torch.utils.flop_counter.FlopCounterMode``, over the median step time, over the GPU's dense bf16 peak (a small
-table by device name, or ``--peak-flops``); with no known peak (CPU) MFU is not reported.
+table by device name, or ``--peak-flops``); with no known peak (CPU) MFU is not reported. For the GPT the MFU uses
+nanoGPT's count, ``6 N + 12 L d T`` FLOPs per token (N the parameters without the position embedding, L blocks of
+width d, context T: PaLM's appendix B convention), which GPT figures are quoted in; the FlopCounterMode count is
+reported beside it (they agree to within the biases and norms the formula counts as matmul weights).
+Tiny on a CPU: ``--model gpt2_124m --model-args depth=1 width=32 heads=2 context_length=16 --batch-size 2``.
 """
 
 from __future__ import annotations
@@ -54,13 +68,15 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as L
 import torch
 import yaml
+from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.profilers import SimpleProfiler
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from report import Report, config_of, interleave, quiet_lightning, ratios, torch_threads
+from report import RESULTS, Report, config_of, interleave, quiet_lightning, ratios, torch_threads
 
 from lightning_recipes.recipes.common import CONFIG_DIR, ImageClassifier
+from lightning_recipes.recipes.gpt import GPT
 from lightning_recipes.recipes.resnet import ResNetClassifier
 from lightning_recipes.recipes.vit import ViTClassifier
 
@@ -69,6 +85,7 @@ MODELS = {
     "vit_digits": (ViTClassifier, "vit_digits.yaml", "digits"),
     "vit_b16": (ViTClassifier, "vit_b16_imagenet.yaml", "synthetic"),
     "resnet50": (ResNetClassifier, "resnet50_imagenet.yaml", "synthetic"),
+    "gpt2_124m": (GPT, "gpt2_124m.yaml", "tokens"),
 }
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s, matched in this order against
 # torch.cuda.get_device_name(); anything else needs --peak-flops.
@@ -86,29 +103,65 @@ PEAK_BF16_FLOPS = (
 # ------------------------------------------------------------------------------------------------ set-up
 
 
+def gpt_flops_per_token(module: GPT, length: int) -> int:
+    """Training FLOPs per token of a GPT on sequences of ``length`` tokens: nanoGPT's ``estimate_mfu`` (PaLM, Chowdhery
+    et al. 2022, appendix B): ``6 N + 12 L d T``, N the parameters without the position embedding (the tied output
+    head counted once, as the token embedding), L blocks, d their width, T = ``length``."""
+    n = sum(p.numel() for p in module.model.parameters()) - module.model.pos_embedding.weight.numel()
+    return 6 * n + 12 * module.hparams.depth * module.hparams.width * length
+
+
 @dataclass
 class Spec:
     """Everything the three candidates share."""
 
-    model_class: type[ImageClassifier]
+    model_class: type[LightningModule]
     model_args: dict[str, Any]
     trainer_config: dict[str, Any]
-    data: str
-    image_size: int
+    data: str  # digits | synthetic (images) | tokens
+    image_size: int  # tokens: the context length
     in_channels: int
-    num_classes: int
+    num_classes: int  # tokens: the vocabulary
     batch_size: int
     precision: str
     device: torch.device
     compile: bool
     root: Path
 
-    def build(self) -> ImageClassifier:
+    def build(self) -> LightningModule:
         torch.manual_seed(0)  # the same initial weights in every candidate and repetition
         model = self.model_class(**self.model_args)
         if self.compile:
             model.model.compile()  # in place: parameter names (and so the optimizer's groups) stay those of the model
         return model
+
+    def loss(self, module: LightningModule, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """The recipe's training loss, without its logging: what the loop and the bare Trainer compute."""
+        if isinstance(module, GPT):
+            return module._loss(batch)
+        images, targets = batch
+        return module.criterion(module.model(images), targets)
+
+    @staticmethod
+    def optimizer(module: LightningModule) -> torch.optim.Optimizer:
+        return module.build_optimizer() if isinstance(module, ImageClassifier) else module.configure_optimizers()
+
+    def synthetic_batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.data == "tokens":
+            shape = (self.batch_size, self.image_size)
+            return (torch.randint(0, self.num_classes, shape, generator=generator),
+                    torch.randint(0, self.num_classes, shape, generator=generator))  # fmt: skip
+        shape = (self.batch_size, self.in_channels, self.image_size, self.image_size)
+        return (torch.randn(shape, generator=generator),
+                torch.randint(0, self.num_classes, (self.batch_size,), generator=generator))  # fmt: skip
+
+    @property
+    def samples_unit(self) -> str:
+        return "tokens/s" if self.data == "tokens" else "images/s"
+
+    @property
+    def samples_per_batch(self) -> int:
+        return self.batch_size * (self.image_size if self.data == "tokens" else 1)
 
     @property
     def clip(self) -> tuple[Optional[float], str]:
@@ -133,16 +186,23 @@ def _spec(args: argparse.Namespace, root: Path) -> Spec:
     data_args = config["data"].get("init_args") or {}
     if data == "digits":
         image_size, in_channels, num_classes = data_args.get("image_size", 8), 1, 10
+    elif data == "tokens":  # the data's vocabulary and context, linked into the model by the recipe's CLI
+        image_size, in_channels, num_classes = data_args["context_length"], 0, data_args["vocab_size"]
     else:  # ImageNet: the training crop
         image_size, in_channels, num_classes = data_args.get("train_crop_size", 224), 3, 1000
     image_size = args.image_size or image_size
     model_args = dict(config.get("model") or {})
-    model_args.update(num_classes=num_classes, in_channels=in_channels)
+    if data == "tokens":
+        model_args.update(vocab_size=num_classes, context_length=image_size)
+    else:
+        model_args.update(num_classes=num_classes, in_channels=in_channels)
     if "image_size" in model_class.data_links:
         model_args["image_size"] = image_size
     for item in args.model_args:
         key, _, value = item.partition("=")
         model_args[key] = yaml.safe_load(value)
+    if data == "tokens":
+        image_size = model_args["context_length"]
     precision = args.precision or str(config["trainer"].get("precision") or "32-true")
     return Spec(
         model_class=model_class,
@@ -167,15 +227,11 @@ class _FixedBatch(Dataset):
     """One synthetic batch, already on the device, returned for every index (a ``batch_size=None`` loader)."""
 
     def __init__(self, spec: Spec, length: int) -> None:
-        key = (spec.batch_size, spec.in_channels, spec.image_size, spec.num_classes, str(spec.device))
+        key = (spec.data, spec.batch_size, spec.in_channels, spec.image_size, spec.num_classes, str(spec.device))
         if key not in _BATCHES:  # made once: 300 MB of random numbers for ViT-B/16 at batch 512
-            g = torch.Generator().manual_seed(0)
-            shape = (spec.batch_size, spec.in_channels, spec.image_size, spec.image_size)
             _BATCHES.clear()
-            _BATCHES[key] = (
-                torch.randn(shape, generator=g).to(spec.device),
-                torch.randint(0, spec.num_classes, (spec.batch_size,), generator=g).to(spec.device),
-            )
+            batch = spec.synthetic_batch(torch.Generator().manual_seed(0))
+            _BATCHES[key] = tuple(t.to(spec.device) for t in batch)
         self.batch = _BATCHES[key]
         self.length = length
 
@@ -237,16 +293,15 @@ class _StepClock(L.Callback):
 class _Bare(L.LightningModule):
     """The recipe's network, loss and optimizer, and nothing else: no logging, no metrics."""
 
-    def __init__(self, classifier: ImageClassifier) -> None:
+    def __init__(self, spec: Spec, classifier: LightningModule) -> None:
         super().__init__()
-        self.classifier = classifier
+        self.spec, self.classifier = spec, classifier
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
-        return self.classifier.criterion(self.classifier.model(images), targets)
+        return self.spec.loss(self.classifier, batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return self.classifier.build_optimizer()
+        return self.spec.optimizer(self.classifier)
 
 
 def _periods(times: list[float], warmup: int) -> list[float]:
@@ -261,19 +316,19 @@ def _sync(device: torch.device) -> None:
 def run_loop(spec: Spec, *, warmup: int, steps: int) -> list[float]:
     """The hand-written loop; returns the step times after warmup."""
     classifier = spec.build().to(spec.device)
-    model, criterion = classifier.model, classifier.criterion
+    model = classifier.model
     model.train()
-    optimizer = classifier.build_optimizer()
+    optimizer = spec.optimizer(classifier)
     clip_val, clip_algorithm = spec.clip
     total = warmup + steps + 1  # `steps` periods between `steps + 1` step starts
     times: list[float] = []
     loader = _loader(spec, total)
     while len(times) < total:
-        for images, targets in loader:
+        for inputs, targets in loader:
             times.append(time.perf_counter())
-            images, targets = images.to(spec.device, non_blocking=True), targets.to(spec.device, non_blocking=True)
+            inputs, targets = inputs.to(spec.device, non_blocking=True), targets.to(spec.device, non_blocking=True)
             with spec.autocast():
-                loss = criterion(model(images), targets)
+                loss = spec.loss(classifier, (inputs, targets))
             loss.backward()
             if clip_val:
                 if clip_algorithm == "norm":
@@ -295,6 +350,9 @@ def _trainer(spec: Spec, total: int, times: list[float], *, logger: Any, callbac
         devices=1,
         precision=spec.precision,
         max_steps=total,
+        # The fixed-batch loaders hold total + 2 batches: one epoch covers the run, and callbacks that need an epoch
+        # count (ExponentialMovingAverage's adjusted decay) get one. Digits runs over several epochs.
+        max_epochs=1 if spec.data != "digits" else None,
         logger=logger,
         callbacks=[_StepClock(times), *callbacks],
         gradient_clip_val=clip_val,
@@ -312,7 +370,7 @@ def run_trainer(spec: Spec, *, warmup: int, steps: int, profiler: Any = None) ->
     """The bare Trainer; returns the step times after warmup."""
     total, times = warmup + steps + 1, []
     trainer = _trainer(spec, total, times, logger=False, callbacks=[], enable_checkpointing=False, profiler=profiler)
-    trainer.fit(_Bare(spec.build()), datamodule=_Data(spec, total))
+    trainer.fit(_Bare(spec, spec.build()), datamodule=_Data(spec, total))
     _sync(spec.device)
     return _periods(times, warmup)
 
@@ -330,12 +388,23 @@ def recipe_parts(spec: Spec) -> list[tuple[str, Callable[[Path], Any]]]:
             name = entry["class_path"].rpartition(".")[2]
             if name in ("ModelCheckpoint", "ResumableCheckpoint"):
                 overrides["dirpath"] = str(run / "checkpoints")
-            if name == "ResumableCheckpoint" and spec.data == "synthetic":
+            if name == "ResumableCheckpoint" and spec.data != "digits":
                 overrides["resumable_data"] = False  # one fixed batch: there is no data order to resume
-            if name == "LRSchedule" and spec.data == "synthetic":
+            scaled = (entry.get("init_args") or {}).get("reference_batch_size")
+            if name == "LRSchedule" and spec.data != "digits" and scaled:
                 # The fixed-batch loader (batch_size=None) does not tell its batch size; the linear scaling rule
                 # needs it.
                 overrides["micro_batch_size"] = spec.batch_size
+            if name == "ExponentialMovingAverage" and spec.data != "digits":
+                # Its adjusted decay needs the loader's batch size, which the fixed-batch loader does not tell; the
+                # per-update cost is the same with the config's decay as given.
+                overrides["adjust_to_run"] = False
+            if name == "LRSchedule" and spec.data == "tokens":
+                # The config's 715 warmup steps are longer than the measured run, which LRSchedule refuses; the
+                # schedule's per-step cost does not depend on them.
+                overrides["warmup_steps"] = 1
+            if name == "GradientAccumulation" and spec.data == "tokens":
+                overrides["global_batch_size"] = spec.batch_size  # k = 1, as the loop: one optimizer step per batch
             return _instantiate(entry, **overrides)
 
         parts.append((entry["class_path"].rpartition(".")[2], make))
@@ -372,10 +441,9 @@ def flops_per_step(spec: Spec) -> int:
         classifier = spec.build().to(spec.device)
     finally:
         spec.compile = compiled
-    images, targets = _FixedBatch(spec, 1).batch
     with FlopCounterMode(display=False) as counter:
         with spec.autocast():
-            loss = classifier.criterion(classifier.model(images), targets)
+            loss = spec.loss(classifier, _FixedBatch(spec, 1).batch)
         loss.backward()
     return counter.get_total_flops()
 
@@ -434,7 +502,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="vit_digits",
                         help="vit_digits: the digits ViT of vit_digits.yaml on real digits (default); vit_b16 /"
-                             " resnet50: the ImageNet configs' models on one synthetic batch (GPU mode)")  # fmt: skip
+                             " resnet50: the ImageNet configs' models on one synthetic batch; gpt2_124m: the GPT of"
+                             " gpt2_124m.yaml on one batch of random tokens (GPU modes)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=200, help="timed steps per candidate and repetition (default 200;"
                         " at least 100 for the mean to hold a checkpoint of every_n_steps=100)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before them (default 10)")
@@ -442,7 +511,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default=None,
                         help="default: the config's (digits 32-true, the ImageNet configs bf16-mixed)")  # fmt: skip
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's (digits 64)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's (digits 64, GPT 64)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the config's (digits 16, ImageNet"
                         " training crop: ViT 224, ResNet 176); small ones make ImageNet models CPU-sized")  # fmt: skip
     parser.add_argument("--model-args", nargs="*", default=[], metavar="KEY=VALUE",
@@ -458,7 +527,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                         help="run bare Trainer and recipe once more under SimpleProfiler: when a goal is missed"
                              " (auto, default), always or never")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/overhead.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/overhead.json;"
+                        " for another --model overhead_<model>.json)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.steps < 1 or args.reps < 1 or args.warmup < 0:
         parser.error("--steps and --reps must be >= 1, --warmup >= 0")
@@ -505,34 +575,40 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for name in ("loop", "trainer", "recipe"):
             report.add(f"{name} step, mean", [1e3 * v for v in mean[name]], unit="ms")
 
-        flops = flops_per_step(spec)
+        counted = flops_per_step(spec)
+        model = spec.build()
+        # GPT: MFU in nanoGPT's convention (PaLM's 6N + 12LdT per token); the images: the counted FLOPs.
+        tokens = spec.data == "tokens"
+        flops = gpt_flops_per_token(model, spec.image_size) * spec.samples_per_batch if tokens else counted
         peak = args.peak_flops or peak_flops(spec.device, spec.precision)
         for name in ("loop", "trainer", "recipe"):
-            report.add(f"{name} images/s", [spec.batch_size / v for v in median[name]], unit="images/s",
-                       note="batch size / median step")  # fmt: skip
+            report.add(f"{name} {spec.samples_unit}", [spec.samples_per_batch / v for v in median[name]],
+                       unit=spec.samples_unit, note="batch size / median step")  # fmt: skip
         if peak:
             goal = (">=", 45.0) if args.model == "vit_b16" else None
             for name in ("loop", "trainer", "recipe"):
                 report.add(f"{name} MFU", [100 * flops / v / peak for v in median[name]], unit="%",
                            goal=goal if name == "recipe" else None)  # fmt: skip
-        model = spec.build()
         report.extra["model"] = {
             "class": spec.model_class.__name__,
             "args": spec.model_args,
             "parameters": sum(p.numel() for p in model.parameters()),
             "batch_size": spec.batch_size,
-            "image_size": spec.image_size,
+            ("context_length" if tokens else "image_size"): spec.image_size,
             "precision": spec.precision,
             "flops_per_step": flops,
+            "flops_per_step_counted": counted,
             "peak_flops": peak,
         }
         report.extra["recipe_parts"] = [name for name, _ in parts]
+        shape = f"context {spec.image_size}" if tokens else f"{spec.image_size} px"
         report.notes.append(
             f"{spec.model_class.__name__} {report.extra['model']['parameters']:,} parameters, batch {spec.batch_size},"
-            f" {spec.image_size} px, {spec.precision}, {spec.device.type}; {args.steps} timed steps after"
+            f" {shape}, {spec.precision}, {spec.device.type}; {args.steps} timed steps after"
             f" {args.warmup} warmup per candidate and repetition; recipe = module + {', '.join(n for n, _ in parts)}"
         )
-        report.notes.append(f"model FLOPs per training step (FlopCounterMode): {flops:.4g}; MFU "
+        source = f"6N + 12LdT per token (nanoGPT); FlopCounterMode counts {counted:.4g}" if tokens else "FlopCounterMode"
+        report.notes.append(f"model FLOPs per training step ({source}): {flops:.4g}; MFU "
                             + (f"against a peak of {peak:.4g} FLOP/s" if peak else "n/a: no peak FLOP/s known for"
                                " this device and precision (--peak-flops)"))  # fmt: skip
         missed = any(f.met is False for f in report.figures)
@@ -542,7 +618,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             names = [name for name, _ in parts if name != "logger"]
             report.extra["callback_hooks_ms_per_step"] = callback_ms_per_step(profiled["recipe"], names)
             report.notes.extend(_profile_notes(profiled, [name for name, _ in parts]))
-        return report.finish(args.out)
+        default = RESULTS / ("overhead.json" if args.model == "vit_digits" else f"overhead_{args.model}.json")
+        return report.finish(args.out if args.out is not None else default)
 
 
 if __name__ == "__main__":

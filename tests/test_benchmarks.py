@@ -9,6 +9,7 @@ benchmarks/ (not a package): they are imported from there, as `python benchmarks
 import importlib
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,7 @@ def test_overhead_gpu_mode_runs_on_cpu_at_a_tiny_size(load, tmp_path):
     mfu = 100 * result["model"]["flops_per_step"] / (figures["recipe step, median"]["values"][0] / 1e3) / 1e12
     assert figures["recipe MFU"]["values"][0] == pytest.approx(mfu)
     assert result["recipe_parts"] == ["logger", "LRSchedule", "GradNormMonitor", "ModelCheckpoint",
-                                      "EMAWeightAveraging"]  # fmt: skip
+                                      "ExponentialMovingAverage"]  # fmt: skip
 
     load("overhead").main(["--model", "resnet50", *tiny, "--precision", "32-true", "--out", str(out)])
     figures = _figures(out, "overhead", 1)
@@ -229,3 +230,198 @@ def test_the_readme_language_model_table_quotes_benchmarks_results_lm_baseline_j
     corpus = result["corpus"]
     assert corpus["sha256"][:8] in section and corpus["python_version"] in section
     assert f"{corpus['val_tokens']:,} held-out bytes" in section
+
+
+def test_overhead_gpt_mode_counts_nanogpt_flops_and_writes_its_own_file(load, tmp_path, monkeypatch):
+    overhead = load("overhead")
+    monkeypatch.setattr(overhead, "RESULTS", tmp_path)  # the default --out for a model other than vit_digits
+    result = overhead.main(["--model", "gpt2_124m", "--model-args", "depth=1", "width=32", "heads=2", "context_length=16",
+                            "--batch-size", "2", "--steps", "2", "--warmup", "1", "--reps", "1", "--threads", "1",
+                            "--profile", "never", "--peak-flops", "1e12"])  # fmt: skip
+    out = tmp_path / "overhead_gpt2_124m.json"
+    figures = _figures(out, "overhead", 1)
+    model = result["model"]
+    assert model["class"] == "GPT" and model["context_length"] == 16 and model["precision"] == "bf16-mixed"
+    assert model["args"]["vocab_size"] == 50257 and model["args"]["pad_vocab_multiple"] == 64  # the config's
+    # 6N + 12 L d T per token: N = 1,623,008 parameters - 16 x 32 position embedding = 1,622,496 (the head is the
+    # token embedding, 50304 x 32, counted once); 6N + 12 x 1 x 32 x 16 = 9,741,120 per token, x 2 x 16 tokens.
+    assert model["parameters"] == 1_623_008 and model["flops_per_step"] == 9_741_120 * 32
+    assert model["flops_per_step_counted"] == pytest.approx(model["flops_per_step"], rel=1e-3)  # FlopCounterMode
+    step = figures["recipe step, median"]["values"][0] / 1e3
+    assert figures["recipe tokens/s"]["values"][0] == pytest.approx(32 / step)
+    assert figures["recipe MFU"]["values"][0] == pytest.approx(100 * 9_741_120 * 32 / step / 1e12)
+    assert figures["recipe MFU"]["goal"] is None  # the 45% goal is the ViT-B/16 recipe's
+    assert "recipe images/s" not in figures
+    # The config's callbacks, with k = 1 accumulation so that every candidate steps the optimizer once per batch.
+    assert result["recipe_parts"] == ["logger", "LRSchedule", "GradNormMonitor", "ResumableCheckpoint",
+                                      "GradientAccumulation"]  # fmt: skip
+    spec = overhead._spec(overhead.argparse.Namespace(model="gpt2_124m", image_size=None, model_args=[], precision=None,
+                                                      batch_size=None, device="cpu", compile=False), tmp_path)  # fmt: skip
+    accumulation = dict(overhead.recipe_parts(spec))["GradientAccumulation"](tmp_path)
+    assert accumulation.global_batch_size == spec.batch_size == 64
+
+
+# ------------------------------------------------------------------------------------------------ gpu_check.py
+
+
+def test_gpu_check_peak_flops_table_by_device_name(load):
+    peak = load("gpu_check").peak_flops_of
+    assert peak("NVIDIA H200") == peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak("NVIDIA H100 PCIe") == 756e12
+    assert peak("NVIDIA A100-SXM4-80GB") == peak("NVIDIA A100 80GB PCIe") == 312e12
+    assert peak("Tesla T4") is None
+
+
+def test_gpu_check_gpu_plan_fits_its_default_budget(load, capsys):
+    gpu_check = load("gpu_check")
+    cases = gpu_check.plan(smoke=False)
+    assert [c.name for c in cases] == [
+        "resume_kill9", "vit_b16_fsdp_bf16", "gpt2_124m_bf16", "vit_b16_bf16", "resnet50_bf16", "vit_b16_fp16",
+        "resnet50_fp16_cl", "resnet50_bf16_cl", "resnet50_bf16_compile_cl", "vit_b16_bf16_compile_cl",
+    ]  # fmt: skip
+    assert sum(c.estimate_s for c in cases) <= 480  # the default --budget: 8 minutes
+    assert {c.precision for c in cases} == {"bf16-mixed", "16-mixed"}
+    compiled = [c.name for c in cases if c.compile]
+    assert compiled == ["resnet50_bf16_compile_cl", "vit_b16_bf16_compile_cl"] and all(c.channels_last for c in cases if c.compile)
+    for case in cases:  # a window of at least 2 batches after warmup
+        assert case.recipe == "resume" or case.steps - case.warmup >= 30
+    planned = gpu_check.main(["--plan", "--cases", "vit_b16_*"])
+    assert planned["cases"] == ["vit_b16_fsdp_bf16", "vit_b16_bf16", "vit_b16_fp16", "vit_b16_bf16_compile_cl"]
+    assert "estimated" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "1"], "--steps 1: use at least 2"),
+        (["--cases", "nothing*", "--out", "x.json"], "--cases nothing\\* matches none of"),
+        (["--cpu-smoke"], "--cpu-smoke: give --out"),
+        (["--budget", "0", "--out", "x.json"], "--budget 0.0: use a positive number of seconds"),
+        (["--peak-flops", "0", "--out", "x.json"], "--peak-flops 0.0: use a positive FLOP/s figure"),
+        (["--workers", "-1", "--out", "x.json"], "--workers -1: use 0 or more"),
+    ],
+)
+def test_gpu_check_refuses_bad_arguments(load, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        load("gpu_check").main(["--cpu-smoke", *argv])
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_gpu_check_skips_a_case_the_budget_cannot_hold(load, tmp_path):
+    out = tmp_path / "gpu_check.json"
+    result = load("gpu_check").main(["--cpu-smoke", "--cases", "vit_b16_bf16", "--budget", "1", "--out", str(out)])
+    (case,) = result["cases"]
+    assert case["status"] == "skipped" and re.fullmatch(r"budget: \d+ s left, the case needs about 10 s", case["reason"])
+    assert result["all_cases_ok"] is False and not result["figures"]
+
+
+class _SlowBatches(torch.utils.data.Dataset):
+    """Random 32-px images whose every batch takes 50 ms to load."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        import time
+
+        time.sleep(0.05)
+        g = torch.Generator().manual_seed(index)
+        return torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 10, (2,), generator=g)
+
+
+@pytest.mark.parametrize("peak", [None, 1e12])
+def test_gpu_check_probe_measures_throughput_data_wait_flops_and_mfu(load, tmp_path, peak):
+    import lightning.pytorch as L
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_recipes.recipes.vit import ViTClassifier
+
+    gpu_check = load("gpu_check")
+    args = dict(num_classes=10, in_channels=3, image_size=32, patch_size=16, depth=1, width=32, heads=2, mlp_dim=32)
+    probe = gpu_check.Probe(out=str(tmp_path / "probe.json"), window_size=3, peak_flops=peak)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, callbacks=[probe], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(ViTClassifier(**args), torch.utils.data.DataLoader(_SlowBatches(), batch_size=None))
+    record = json.loads((tmp_path / "probe.json").read_text())
+    assert record["batches"] == 4 and record["window_batches"] == 2 and record["finished"] is True
+    # Throughput over the last 2 intervals between batch ends (batches 2 to 4), each with a 50-ms load in it.
+    assert record["samples_per_sec"] == pytest.approx(2 * 2 / record["window_seconds"])
+    assert 2 * 0.05 <= record["data_wait_fraction"] * record["window_seconds"] < record["window_seconds"]
+    # FLOPs of one sample: forward + backward of the real model with its loss, counted on the CPU, with attention as
+    # matmuls (FlopCounterMode has no entry for the CPU's fused attention kernel; it has the GPU's).
+    model = ViTClassifier(**args)
+    images, targets = _SlowBatches()[0]
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.criterion(model(images), targets).backward()
+    assert record["flops_per_sample"] == counter.get_total_flops() / 2 and record["flops_source"] == "FlopCounterMode"
+    if peak is None:  # a CPU at 32-true: no peak, no MFU, and a note that says so
+        assert record["peak_flops"] is None and "mfu" not in record and "--peak-flops" in record["mfu_note"]
+    else:
+        assert record["mfu"] == pytest.approx(record["flops_per_sample"] * record["samples_per_sec"] / 1e12)
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke_runs_every_case_or_says_why(load, tmp_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from lightning_recipes.recipes.vit import ViTClassifier
+
+    gpu_check = load("gpu_check")
+    out, work = tmp_path / "gpu_check.json", tmp_path / "work"
+    result = gpu_check.main(["--cpu-smoke", "--out", str(out), "--workdir", str(work)])
+    figures = _figures(out, "gpu_check", 1)
+    assert result["mode"] == "cpu-smoke"
+    cases = {c["name"]: c for c in result["cases"]}
+    plan = gpu_check.plan(smoke=True)
+    assert list(cases) == [c.name for c in plan]
+    missing = {c.name: gpu_check.missing_options(c) for c in plan}
+    for case in plan:
+        record = cases[case.name]
+        if missing[case.name]:  # the recipe lacks --model.compile / --model.channels_last: named, not run
+            assert record["status"] == "failed" and all(option in record["reason"] for option in missing[case.name])
+        elif case.keep_strategy:  # FSDP1: the recipe's own refusal on a CPU is the reason
+            assert record["status"] == "skipped" and "Lightning's FSDPStrategy (FSDP1) needs GPUs" in record["reason"]
+        else:
+            assert record["status"] == "ok", (case.name, record.get("reason"), record.get("log_tail"))
+    assert result["all_cases_ok"] is False  # FSDP1 cannot run on a CPU
+
+    throughput = [cases[c.name] for c in plan if c.recipe != "resume" and cases[c.name]["status"] == "ok"]
+    for record in throughput:
+        assert (record["exit_code"], record["batches"], record["window_batches"], record["finished"]) == (0, 3, 2, True)
+        assert record["samples_per_sec"] > 0 and 0 <= record["data_wait_fraction"] < 1
+        assert record["peak_flops"] is None and "mfu" not in record and record["mfu_note"]
+        assert figures[f"{record['name']}: throughput"]["values"] == [record.get("tokens_per_sec") or record["samples_per_sec"]]
+    # The ViT case: the shipped config with the case's overrides, and its FLOPs those of the tiny model it ran.
+    config = yaml.safe_load((work / "vit_b16_bf16" / "case.yaml").read_text())
+    shipped = yaml.safe_load((ROOT / "recipes/configs/vit_b16_imagenet.yaml").read_text())
+    trainer = config["trainer"]
+    assert (trainer["devices"], trainer["strategy"], trainer["precision"], trainer["accelerator"]) == (1, "auto", "bf16-mixed", "cpu")
+    assert (trainer["max_steps"], trainer["limit_train_batches"], trainer["limit_val_batches"]) == (3, 3, 2)
+    assert [c["class_path"] for c in trainer["callbacks"]] == [c["class_path"] for c in shipped["trainer"]["callbacks"]] + ["gpu_check.Probe"]
+    assert config["data"]["init_args"]["root"] == str(work / "images") and config["model"]["depth"] == 1
+    assert yaml.safe_load((work / "vit_b16_fsdp_bf16" / "case.yaml").read_text())["trainer"]["strategy"]["class_path"] == (
+        "lightning.pytorch.strategies.FSDPStrategy")  # fmt: skip
+    vit = cases["vit_b16_bf16"]
+    model = ViTClassifier(**{**config["model"], "num_classes": 10, "in_channels": 3, "image_size": 16})
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model.criterion(model(torch.randn(4, 3, 16, 16)), torch.zeros(4, dtype=torch.long)).backward()
+    assert vit["batch_shape"] == [4, 3, 16, 16] and vit["flops_per_sample"] == counter.get_total_flops() / 4
+    # The GPT case: nanoGPT's count for 1 block x 32, context 16, vocabulary 50257 padded to 50304 (see the overhead
+    # test): 9,741,120 FLOPs per token, 16 tokens per sample; FlopCounterMode agrees to the biases and norms.
+    gpt = cases["gpt2_124m_bf16"]
+    assert gpt["flops_per_sample"] == 9_741_120 * 16 and gpt["tokens_per_sec"] == pytest.approx(16 * gpt["samples_per_sec"])
+    assert gpt["flops_per_sample_counted"] == pytest.approx(gpt["flops_per_sample"], rel=1e-3)
+
+    # Kill -9 after the step-4 checkpoint, resumed to step 12: every weight and AdamW tensor equal to the uninterrupted
+    # run's; the control (the CPU RNG state replaced, as no CUDA state exists) ends elsewhere.
+    resume = cases["resume_kill9"]
+    assert resume["killed_exit_code"] == -9 and resume["resumed_from_step"] == 4
+    assert resume["final_steps"] == {"reference": 12, "resumed": 12, "control": 12}
+    assert resume["differing"] == [] and resume["tensors"] > 10
+    assert resume["control"] == ["cpu state replaced"] and resume["control_differing"] > 0
+    assert resume["cuda_rng_saved"] is False
+    assert figures["resume_kill9: tensors differing from the uninterrupted run"]["met"] is True
+    assert figures["resume_kill9 control: tensors differing without the device RNG state"]["met"] is True
+    assert not list(work.rglob("*.ckpt"))  # checkpoints are removed after each case unless --keep
