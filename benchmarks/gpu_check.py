@@ -18,7 +18,8 @@ and typeshed_client wheels the image lacks; README "GPU check" says how to fetch
 the image's environment). Cases, in the order they run (what a budget cut costs least comes last):
 
 - ``resume_kill9``: the ViT recipe at a tiny size on digits (dropout 0.1, so that training draws from the device's
-  RNG; bf16-mixed, 32-true on a CPU; ``deterministic: warn``; 2 loader workers) is killed with SIGKILL right after
+  RNG; bf16-mixed, 32-true on a CPU; 2 loader workers; ``deterministic: true``: with ``warn`` the flash-attention
+  backward keeps its non-deterministic kernel, torch's cuda/attention_backward.cu) is killed with SIGKILL right after
   its step-4 checkpoint, resumed with ``--ckpt_path last`` and trained to step 12: its weights and AdamW state must
   be ``torch.equal`` to an uninterrupted run's. The control resumes the same checkpoint without the device RNG
   state (the CUDA states deleted before ResumableCheckpoint reads them; on a CPU the CPU state replaced) and must
@@ -408,9 +409,9 @@ class Runner:
 
     def __init__(self, smoke: bool) -> None:
         self.smoke = smoke
-        # The server must not initialise CUDA before it forks (a forked child could not use it): should anything it
-        # imports ask torch.cuda.is_available(), NVML answers, as Lightning's own device count does.
-        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        # The server must not initialise CUDA before it forks (a forked child could not use it). It imports Lightning,
+        # which sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (lightning/fabric/__init__.py): torch.cuda.is_available() there
+        # asks NVML and creates no CUDA context.
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(PRELOAD)
 
@@ -545,7 +546,7 @@ trainer:
   accelerator: {accelerator}
   devices: 1
   precision: {precision}
-  deterministic: warn
+  deterministic: true
   max_steps: {steps}
   limit_val_batches: 0
   logger: false

@@ -425,3 +425,13 @@ def test_gpu_check_cpu_smoke_runs_every_case_or_says_why(load, tmp_path):
     assert figures["resume_kill9: tensors differing from the uninterrupted run"]["met"] is True
     assert figures["resume_kill9 control: tensors differing without the device RNG state"]["met"] is True
     assert not list(work.rglob("*.ckpt"))  # checkpoints are removed after each case unless --keep
+
+    # A case past its timeout writes its threads' stacks into its log before it is killed (the server is warm now).
+    runner, folder = gpu_check.Runner(smoke=True), tmp_path / "stuck"
+    pause = f"- class_path: gpu_check.PauseAfterCheckpoint\n  init_args:\n    step: 0\n    marker: {folder / 'marker'}"
+    process = runner.start("vit", gpu_check._resume_config(folder, folder / "ckpt", True, pause), folder / "log.txt")
+    while not (folder / "marker").exists() and process.exitcode is None:
+        process.join(0.2)
+    assert runner.wait(process, timeout=0) is None and process.exitcode == -9
+    log = (folder / "log.txt").read_text()
+    assert "Current thread" in log and "in on_train_batch_start" in log  # faulthandler's dump, then SIGKILL
