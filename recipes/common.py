@@ -106,6 +106,12 @@ def check_decay_switch(name: str, value: object) -> None:
         check_model_arg(name, value, "use a value >= 0 (0 disables it), or null for weight_decay's value", at_least=0)
 
 
+def check_model_flag(name: str, value: object) -> None:
+    """Refuse a non-bool for a recipe's on/off model argument, naming its option ``--model.<name>``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is invalid: use true or false (--model.{name}).")
+
+
 class ImageClassifier(LightningModule):
     """Cross-entropy classification with top-1 (and top-5) accuracy; subclasses build ``self.model``.
 
@@ -133,12 +139,17 @@ class ImageClassifier(LightningModule):
     #: Whether ``precision='bf16-true' / '16-true'`` (weights and optimizer state in 16 bits) is allowed.
     supports_true_half: bool = True
 
-    def __init__(self, *, num_classes: int, label_smoothing: float) -> None:
+    def __init__(
+        self, *, num_classes: int, label_smoothing: float, channels_last: bool = False, compile: bool = False
+    ) -> None:
         super().__init__()
         # No --model option for num_classes (nor in_channels, image_size): the CLI links it from the data module.
         classes = "a classifier needs at least 2 classes"
         check_number("num_classes", num_classes, classes, option=None, integer=True, at_least=2)
         check_model_arg("label_smoothing", label_smoothing, "use a value in [0, 1)", at_least=0, below=1)
+        check_model_flag("channels_last", channels_last)
+        check_model_flag("compile", compile)
+        self.channels_last, self.compile_model = channels_last, compile
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         top_k = (1, 5) if num_classes > 5 else (1,)
         self.metric_names = {1: "acc", 5: "acc_top5"}
@@ -154,6 +165,7 @@ class ImageClassifier(LightningModule):
         self._train_sums: Optional[torch.Tensor] = None
         self._epoch_sums: Optional[torch.Tensor] = None
         self._steps_before_batch = 0
+        self._configured = False
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -163,13 +175,23 @@ class ImageClassifier(LightningModule):
         raise NotImplementedError
 
     def configure_model(self) -> None:
-        """Under ModelParallelStrategy, apply FSDP2's ``fully_shard`` to every unit and then to the root (ZeRO-3).
+        """Lay out, shard and compile the network, once: channels-last, then FSDP2, then ``torch.compile``.
 
-        One unit at a time is all-gathered in forward and backward and freed after, so the peak holds one
-        unit's full parameters; the root call shards what is left (embeddings, head). Other strategies wrap
-        the model themselves and this does nothing.
+        Under ModelParallelStrategy FSDP2's ``fully_shard`` goes on every unit and then on the root (ZeRO-3): one
+        unit at a time is all-gathered in forward and backward and freed after, so the peak holds one unit's
+        full parameters; the root call shards what is left (embeddings, head). Other strategies wrap the model
+        themselves. Compiling comes last, on the sharded model, with ``nn.Module.compile``: it compiles the
+        module's call in place, so parameter names, the optimizer's groups and checkpoints stay those of the
+        plain model (``torch.compile(model)`` would prefix every key with ``_orig_mod.``).
         """
+        if self.channels_last and not self._configured:
+            # 4-d weights in NHWC order. FSDP2 keeps its shards contiguous (torch 2.9-2.14): under it only the
+            # inputs are channels-last, which is enough for conv kernels to run channels-last.
+            self.model.to(memory_format=torch.channels_last)
         shard_with_fsdp2(self, self.model, self.fsdp_units)
+        if self.compile_model and not self._configured:  # configure_model runs again for validate / test after fit
+            self.model.compile()
+        self._configured = True
 
     def setup(self, stage: str) -> None:
         check_true_half(self, self.supports_true_half)
@@ -183,6 +205,8 @@ class ImageClassifier(LightningModule):
                 )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

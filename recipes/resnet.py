@@ -50,6 +50,8 @@ class ResNetClassifier(ImageClassifier):
         norm_weight_decay: Optional[float] = 0.0,
         bias_weight_decay: Optional[float] = 0.0,
         label_smoothing: float = 0.1,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -74,8 +76,14 @@ class ResNetClassifier(ImageClassifier):
                 norm_weight_decay, as in torchvision); null: the norms' shifts follow norm_weight_decay and the
                 head's bias weight_decay (torchvision's --bias-weight-decay).
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
+            channels_last: keep the conv weights and the input images in NHWC order (``torch.channels_last``), the
+                layout in which GPU tensor cores (and oneDNN on CPUs) run the convolutions fastest.
+            compile: ``torch.compile`` the network (``nn.Module.compile``, after any FSDP2 sharding): the first steps
+                pay the compilation; checkpoints keep the plain model's keys.
         """
-        super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
+        super().__init__(
+            num_classes=num_classes, label_smoothing=label_smoothing, channels_last=channels_last, compile=compile
+        )
         if arch not in ARCHS:
             raise ValueError(f"arch={arch!r} is not supported: choose one of {sorted(ARCHS)}.")
         if stem not in ("imagenet", "small"):

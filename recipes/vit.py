@@ -68,6 +68,8 @@ class ViTClassifier(ImageClassifier):
         betas: tuple[float, float] = (0.9, 0.999),
         momentum: float = 0.9,
         label_smoothing: float = 0.1,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -103,8 +105,14 @@ class ViTClassifier(ImageClassifier):
             betas: AdamW's moment decay rates (``optimizer: adamw`` only).
             momentum: SGD's Nesterov momentum (``optimizer: sgd`` only).
             label_smoothing: mass spread uniformly over all classes in the cross-entropy target.
+            channels_last: keep the conv weights and the input images in NHWC order (``torch.channels_last``), the
+                layout in which GPU tensor cores (and oneDNN on CPUs) run the patch embedding (and conv stem) fastest.
+            compile: ``torch.compile`` the network (``nn.Module.compile``, after any FSDP2 sharding): the first steps
+                pay the compilation; checkpoints keep the plain model's keys.
         """
-        super().__init__(num_classes=num_classes, label_smoothing=label_smoothing)
+        super().__init__(
+            num_classes=num_classes, label_smoothing=label_smoothing, channels_last=channels_last, compile=compile
+        )
         check_number("in_channels", in_channels, "it must be a positive int", option=None, integer=True, at_least=1)
         check_number("image_size", image_size, "it must be a positive int", option=None, integer=True, at_least=1)
         check_model_arg("patch_size", patch_size, "a patch side is a positive int", integer=True, at_least=1)

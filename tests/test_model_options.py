@@ -1,6 +1,7 @@
-"""The recipes' model options: which parameters decay (torchvision's three switches), probability targets and
-the per-step cost of the training metrics."""
+"""The recipes' model options: which parameters decay (torchvision's three switches), probability targets,
+the per-step cost of the training metrics, channels-last and torch.compile."""
 
+import functools
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -41,7 +42,8 @@ def torchvision_decay(model, weight_decay, *, norm=None, bias=None, embedding=No
     """
     norm_classes = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
                     nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)  # fmt: skip
-    custom = ([("bias", bias)] if bias is not None else []) + [(k, embedding) for k in embedding_keys if embedding is not None]
+    custom = [("bias", bias)] if bias is not None else []
+    custom += [(key, embedding) for key in embedding_keys if embedding is not None]
     decay = {}
 
     def visit(module, prefix):
@@ -74,11 +76,12 @@ def group_names(model, groups):
 
 
 MODELS = {
-    "resnet18": lambda **decay: ResNetClassifier(arch="resnet18", weight_decay=0.05, **_resnet(decay)),
-    "resnet18-groupnorm": lambda **decay: ResNetClassifier(arch="resnet18", norm="group", weight_decay=0.05, **_resnet(decay)),
+    "resnet18": lambda **decay: ResNetClassifier(weight_decay=0.05, **_resnet(decay)),
+    "resnet18-groupnorm": lambda **decay: ResNetClassifier(norm="group", weight_decay=0.05, **_resnet(decay)),
     "vit": lambda **decay: ViTClassifier(**TINY_VIT, weight_decay=0.05, **_vit(decay)),
-    "vit-conv-stem": lambda **decay: ViTClassifier(**TINY_VIT, image_size=16, patch_size=4, conv_stem=[8, 8],
-                                                   weight_decay=0.05, **_vit(decay)),  # fmt: skip
+    "vit-conv-stem": lambda **decay: ViTClassifier(
+        **TINY_VIT, image_size=16, patch_size=4, conv_stem=[8, 8], weight_decay=0.05, **_vit(decay)
+    ),
 }
 
 
@@ -163,7 +166,8 @@ def test_a_set_bias_value_wins_over_the_norm_value_for_the_norms_shifts():
 def test_a_zero_weight_decay_keeps_both_groups():
     # weight_decay 0 (no decay anywhere) still gives lr/decay and lr/no_decay, as before the switches.
     groups = param_groups(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2)), 0.0)
-    assert [(g["name"], g["weight_decay"], len(g["params"])) for g in groups] == [("decay", 0.0, 1), ("no_decay", 0.0, 3)]
+    summary = [(g["name"], g["weight_decay"], len(g["params"])) for g in groups]
+    assert summary == [("decay", 0.0, 1), ("no_decay", 0.0, 3)]
 
 
 @pytest.mark.parametrize(
@@ -199,9 +203,14 @@ def test_configs_set_the_switches_of_their_reference(config, expected):
 
 @pytest.mark.parametrize(
     ("cls", "option"),
-    [(ResNetClassifier, "norm_weight_decay"), (ResNetClassifier, "bias_weight_decay"), (ViTClassifier, "norm_weight_decay"),
-     (ViTClassifier, "bias_weight_decay"), (ViTClassifier, "transformer_embedding_decay")],
-)  # fmt: skip
+    [
+        (ResNetClassifier, "norm_weight_decay"),
+        (ResNetClassifier, "bias_weight_decay"),
+        (ViTClassifier, "norm_weight_decay"),
+        (ViTClassifier, "bias_weight_decay"),
+        (ViTClassifier, "transformer_embedding_decay"),
+    ],
+)
 @pytest.mark.parametrize("value", [-1e-4, float("nan"), "0.1"])
 def test_a_bad_decay_switch_names_the_option(cls, option, value):
     match = (rf"{option}={value!r} is invalid: use a value >= 0 \(0 disables it\), or null for weight_decay's value "
@@ -261,8 +270,9 @@ def _sums(steps, criterion):
     n = sum(len(t) for _, _, t in steps)
     loss = sum(criterion(logits, targets).item() * len(targets) for _, logits, targets in steps) / n
     labels = [t.argmax(-1) if t.is_floating_point() else t for _, _, t in steps]
-    top1 = sum(int((logits.argmax(-1) == y).sum()) for (_, logits, _), y in zip(steps, labels)) / n
-    top5 = sum(int((logits.topk(5).indices == y[:, None]).any(-1).sum()) for (_, logits, _), y in zip(steps, labels)) / n
+    logits = [logits for _, logits, _ in steps]
+    top1 = sum(int((x.argmax(-1) == y).sum()) for x, y in zip(logits, labels)) / n
+    top5 = sum(int((x.topk(5).indices == y[:, None]).any(-1).sum()) for x, y in zip(logits, labels)) / n
     return loss, top1, top5
 
 
@@ -275,7 +285,9 @@ def _sums(steps, criterion):
         (True, 2, 2, [2, 4, 6, 8]),
     ],
 )
-def test_train_metrics_are_logged_at_lightnings_logging_steps_as_means_over_the_window(soft, log_every, accumulate, logged_at, tmp_path):
+def test_train_metrics_are_logged_at_lightnings_logging_steps_as_means_over_the_window(
+    soft, log_every, accumulate, logged_at, tmp_path
+):
     torch.manual_seed(0)
     images = torch.randn(14, 1, 8, 8)
     if soft:  # MixUp-style: 60/40 mixes of two classes
@@ -297,7 +309,8 @@ def test_train_metrics_are_logged_at_lightnings_logging_steps_as_means_over_the_
         window = [s for s in module.steps if start < s[0] <= end]
         start = end
         loss, top1, top5 = _sums(window, module.criterion)
-        assert (row["train/loss"], row["train/acc"], row["train/acc_top5"]) == pytest.approx((loss, top1, top5), rel=1e-6)
+        logged = (row["train/loss"], row["train/acc"], row["train/acc_top5"])
+        assert logged == pytest.approx((loss, top1, top5), rel=1e-6)
     epoch_rows = [row for _, row in logger.rows if "train/acc_epoch" in row]
     assert len(epoch_rows) == 2
     for epoch, row in enumerate(epoch_rows):
@@ -314,13 +327,18 @@ def test_train_metrics_are_logged_at_lightnings_logging_steps_as_means_over_the_
 def test_steps_between_logging_steps_neither_log_nor_read_a_tensor_back_to_the_host(tmp_path, monkeypatch):
     # On a GPU each read-back (item, tolist, bool, float, cpu, ...) waits for the device: only logging steps may.
     reads, calls, watching = [], [], [False]
-    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "cpu", "to"):
-        def guard(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
-            if watching[0] and (_name != "to" or "cpu" in map(str, (*args, *kwargs.values()))):
-                reads.append(_name)
-            return _original(self, *args, **kwargs)
+    def guarded(name):
+        original = getattr(torch.Tensor, name)
 
-        monkeypatch.setattr(torch.Tensor, name, guard)
+        def guard(self, *args, **kwargs):
+            if watching[0] and (name != "to" or "cpu" in map(str, (*args, *kwargs.values()))):
+                reads.append(name)
+            return original(self, *args, **kwargs)
+
+        return guard
+
+    for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "cpu", "to"):
+        monkeypatch.setattr(torch.Tensor, name, guarded(name))
 
     class Watched(ViTClassifier):
         def log(self, name, *args, **kwargs):
@@ -350,6 +368,97 @@ def test_steps_between_logging_steps_neither_log_nor_read_a_tensor_back_to_the_h
     assert calls == [(s, n) for s in (3, 6) for n in names] + epoch_end
 
 
+# ------------------------------------------------------------------------------------------- channels-last, compile
+
+SMALL = {
+    "resnet": lambda **o: ResNetClassifier(arch="resnet18", stem_stride=2, **o),
+    "vit": lambda **o: ViTClassifier(
+        depth=1, width=16, heads=2, mlp_dim=16, image_size=16, patch_size=4, conv_stem=[8, 8], **o
+    ),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(SMALL))
+def test_channels_last_lays_out_the_weights_and_inputs_in_nhwc_and_gives_the_same_logits(recipe, tmp_path):
+    torch.manual_seed(0)
+    plain = SMALL[recipe]()
+    torch.manual_seed(0)
+    nhwc = SMALL[recipe](channels_last=True)
+    nhwc.configure_model()  # what the Trainer calls before building the optimizer
+    convs = [m for m in nhwc.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    # (Kernels with 1 input channel or 1x1 are both layouts at once.)
+    assert not any(c.weight.is_contiguous() for c in convs if c.in_channels > 1 and c.kernel_size != (1, 1))
+    seen = []
+    layout = lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))  # noqa: E731
+    convs[0].register_forward_pre_hook(layout)
+    images = torch.randn(4, 1, 16, 16)
+    plain.eval(), nhwc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(nhwc(images), plain(images), rtol=1e-5, atol=1e-5)
+    assert seen == [True]
+    # A checkpoint of the plain layout loads into the NHWC weights without changing their layout.
+    nhwc.load_state_dict(plain.state_dict())
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+
+
+def test_channels_last_weights_stay_nhwc_through_training(tmp_path):
+    module = SMALL["vit"](channels_last=True, optimizer="sgd")  # conv stem: two 3x3 convs (8 channels), a 1x1
+    trainer = Trainer(max_steps=1, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    torch.manual_seed(0)
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(2, 1, 16, 16), torch.randint(0, 10, (2,))), batch_size=2))
+    weight = next(m for m in module.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 8).weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    momentum = trainer.optimizers[0].state[weight]["momentum_buffer"]
+    assert momentum.is_contiguous(memory_format=torch.channels_last)
+
+
+class LossRecorder(Callback):
+    def __init__(self, losses):
+        self.losses = losses
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_compile_trains_to_the_eager_loss_and_saves_the_plain_models_keys(tmp_path, monkeypatch):
+    """One step compiled and one eager from the same weights, then a checkpoint round trip.
+
+    The backend is AOTAutograd without code generation (``aot_eager``): Dynamo's graph capture and the
+    functionalised forward and backward that inductor would compile, in seconds instead of the minutes that
+    inductor's C++ compilation takes on a 2-core CPU. ``RECIPES_COMPILE_BACKEND=inductor`` runs the real thing.
+    """
+    backend = torch._dynamo.lookup_backend(os.environ.get("RECIPES_COMPILE_BACKEND", "aot_eager"))
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return backend(graph, example_inputs)
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=recording))
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))), batch_size=4)
+    losses, modules = {}, {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        modules[compile] = module = ViTClassifier(depth=1, width=16, heads=2, mlp_dim=16, compile=compile)
+        trainer = Trainer(max_steps=2, logger=False, default_root_dir=tmp_path, enable_progress_bar=False,
+                          enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0,
+                          callbacks=[LossRecorder(losses.setdefault(compile, []))])  # fmt: skip
+        trainer.fit(module, data)
+        trainer.save_checkpoint(tmp_path / f"compile={compile}.ckpt")
+    assert graphs and losses[True] == pytest.approx(losses[False], rel=1e-5)
+    # Checkpoints name the parameters as the plain model does: no `_orig_mod.` prefixes; they load both ways.
+    saved = torch.load(tmp_path / "compile=True.ckpt", weights_only=False)["state_dict"]
+    assert list(saved) == list(modules[False].state_dict())
+    loaded = ViTClassifier.load_from_checkpoint(tmp_path / "compile=True.ckpt")
+    plain = ViTClassifier(depth=1, width=16, heads=2, mlp_dim=16)
+    plain.load_state_dict(saved)
+    for name, value in modules[True].state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value) and torch.equal(plain.state_dict()[name], value), name
+
+
 # ------------------------------------------------------------------------------------------------ 2 processes
 
 
@@ -367,15 +476,21 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
     )
     data = DataLoader(TensorDataset(images, targets), batch_size=2)
     strategies = {
-        "ddp": (DDPStrategy(process_group_backend="gloo"), lambda: ResNetClassifier(stem_stride=2)),
+        # DDP with channels-last ResNet weights (its gradient buckets take the weights' strides) ...
+        "ddp": (DDPStrategy(process_group_backend="gloo"), lambda: ResNetClassifier(stem_stride=2, channels_last=True)),
+        # ... and FSDP2 (its shards are contiguous; the inputs still go channels-last).
         "fsdp2": (ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                  lambda: ViTClassifier(depth=1, width=16, heads=2, mlp_dim=16)),
+                  lambda: ViTClassifier(depth=1, width=16, heads=2, mlp_dim=16, channels_last=True)),
     }  # fmt: skip
     for name, (strategy, build) in strategies.items():
         torch.manual_seed(0)
         module, logger, logits = build(), RecordingLogger(), []
-        forward = module.forward
-        module.forward = lambda x: logits.append(forward(x)) or logits[-1]
+
+        def forward(images, plain=module.forward, logits=logits):
+            logits.append(plain(images))
+            return logits[-1]
+
+        module.forward = forward
         trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, log_every_n_steps=2,
                           logger=logger, default_root_dir=out_dir, use_distributed_sampler=False,
                           enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
@@ -386,6 +501,10 @@ def _distributed_worker(rank: int, port: int, out_dir: str) -> None:
             "targets": targets.tolist(),
             "rows": [(step, {k: float(v) for k, v in row.items()}) for step, row in logger.rows],
         }
+        if name == "ddp":
+            weight = module.model.layer1[0].conv1.weight
+            record["nhwc"] = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+            record["weight"] = weight.detach().flatten().tolist()
         with open(os.path.join(out_dir, f"{name}-rank{rank}.json"), "w") as file:
             json.dump(record, file)
 
@@ -397,8 +516,9 @@ def test_under_ddp_and_fsdp2_each_rank_logs_its_window_and_the_epoch_is_over_all
 
     def sums(logits, targets):  # loss x samples, samples, top-1 and top-5 correct
         labels = targets.argmax(-1)
-        return (criterion(logits, targets).item() * len(targets), len(targets),
-                int((logits.argmax(-1) == labels).sum()), int((logits.topk(5).indices == labels[:, None]).any(-1).sum()))  # fmt: skip
+        top1 = int((logits.argmax(-1) == labels).sum())
+        top5 = int((logits.topk(5).indices == labels[:, None]).any(-1).sum())
+        return criterion(logits, targets).item() * len(targets), len(targets), top1, top5
 
     for name in ("ddp", "fsdp2"):
         ranks = [json.loads((tmp_path / f"{name}-rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -420,3 +540,5 @@ def test_under_ddp_and_fsdp2_each_rank_logs_its_window_and_the_epoch_is_over_all
             assert (row["train/loss_epoch"], row["train/acc_epoch"], row["train/acc_top5_epoch"]) == pytest.approx(
                 (loss / n, top1 / n, top5 / n), rel=1e-5
             )
+    ddp = [json.loads((tmp_path / f"ddp-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ddp[0]["nhwc"] and ddp[1]["nhwc"] and ddp[0]["weight"] == ddp[1]["weight"]
