@@ -8,14 +8,13 @@ from typing import Optional
 from torchvision.datasets import CIFAR10
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import ImageClassificationDataModule, _check_positive_int
+from lightning_recipes.datamodules.base import ImageClassificationDataModule
 from lightning_recipes.datamodules.transforms import (
     AUGMIX_SEVERITY,
     RA_MAGNITUDE,
     AutoAugment,
     Interpolation,
     check_augment_options,
-    check_mean_std,
     eval_transform,
     resolve_eval_settings,
     train_transform,
@@ -107,21 +106,9 @@ class CIFAR10DataModule(ImageClassificationDataModule):
                               interpolation=interpolation, random_erasing=random_erasing)  # fmt: skip
         given = dict(val_resize_size=val_resize_size, val_crop_size=val_crop_size, mean=mean, std=std,
                      interpolation=interpolation)  # fmt: skip
-        for name in ("val_resize_size", "val_crop_size"):
-            if given[name] is not None:
-                _check_positive_int(name, given[name])
-        if mean is not None or std is not None:
-            check_mean_std(CIFAR10_MEAN if mean is None else mean, CIFAR10_STD if std is None else std)
         defaults = dict(val_resize_size=32, val_crop_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD,
                         interpolation="bilinear")  # fmt: skip
         settings = resolve_eval_settings(weights_transforms, given, defaults)
-        if settings["val_crop_size"] > settings["val_resize_size"]:
-            # CenterCrop larger than the resized image pads it with black borders.
-            raise ValueError(
-                f"val_crop_size={settings['val_crop_size']!r} is invalid with val_resize_size="
-                f"{settings['val_resize_size']!r}: the crop must not exceed the resized shorter side "
-                "(--data.val_crop_size)."
-            )
         self.data_dir = data_dir
         self.download = download
         self.auto_augment, self.ra_magnitude, self.augmix_severity = auto_augment, ra_magnitude, augmix_severity

@@ -16,7 +16,6 @@ from lightning_recipes.datamodules.transforms import (
     AutoAugment,
     Interpolation,
     check_augment_options,
-    check_mean_std,
     eval_transform,
     resolve_eval_settings,
     train_transform,
@@ -110,21 +109,9 @@ class ImageFolderDataModule(ImageClassificationDataModule):
         given = dict(val_resize_size=val_resize_size, val_crop_size=val_crop_size, mean=mean, std=std,
                      interpolation=interpolation)  # fmt: skip
         _check_positive_int("train_crop_size", train_crop_size)
-        for name in ("val_resize_size", "val_crop_size"):
-            if given[name] is not None:
-                _check_positive_int(name, given[name])
-        if mean is not None or std is not None:
-            check_mean_std(IMAGENET_MEAN if mean is None else mean, IMAGENET_STD if std is None else std)
         defaults = dict(val_resize_size=256, val_crop_size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                         interpolation="bilinear")  # fmt: skip
-        settings = resolve_eval_settings(weights_transforms, given, defaults)
-        if settings["val_crop_size"] > settings["val_resize_size"]:
-            # CenterCrop larger than the resized image pads it with black borders.
-            raise ValueError(
-                f"val_crop_size={settings['val_crop_size']!r} is invalid with val_resize_size="
-                f"{settings['val_resize_size']!r}: the crop must not exceed the resized shorter side "
-                "(--data.val_crop_size; torchvision uses 224 of 256)."
-            )
+        settings = resolve_eval_settings(weights_transforms, given, defaults, crop_hint="; torchvision uses 224 of 256")
         self.root = root
         self.train_crop_size = train_crop_size
         self.val_resize_size, self.val_crop_size = settings["val_resize_size"], settings["val_crop_size"]

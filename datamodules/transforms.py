@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, get_args
 import torch
 from torchvision.transforms import v2
 
-from lightning_recipes.datamodules.base import check_number
+from lightning_recipes.datamodules.base import _check_positive_int, check_number
 
 AutoAugment = Literal["ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn"]
 Interpolation = Literal["bilinear", "bicubic", "nearest"]
@@ -160,22 +160,40 @@ def weights_eval_settings(name: str) -> dict[str, Any]:
     }
 
 
-def resolve_eval_settings(weights_transforms: Optional[str], given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def resolve_eval_settings(
+    weights_transforms: Optional[str], given: dict[str, Any], defaults: dict[str, Any], *, crop_hint: str = ""
+) -> dict[str, Any]:
     """The values of ``EVAL_OPTIONS``: ``given`` (None = not given), else the weights', else ``defaults``.
 
-    A given value that differs from the weights' raises ``ValueError`` naming both options.
+    Checks the given sizes (positive ints) and mean / std (the module's default fills the one not given); a given
+    value that differs from the weights' raises ``ValueError`` naming both options; and the resolved center crop
+    must fit in the resized image (``crop_hint`` ends that message, e.g. the reference's sizes).
     """
+    for name in ("val_resize_size", "val_crop_size"):
+        if given[name] is not None:
+            _check_positive_int(name, given[name])
+    if given["mean"] is not None or given["std"] is not None:
+        check_mean_std(defaults["mean"] if given["mean"] is None else given["mean"],
+                       defaults["std"] if given["std"] is None else given["std"])  # fmt: skip
     if weights_transforms is None:
-        return {key: defaults[key] if given[key] is None else given[key] for key in EVAL_OPTIONS}
-    theirs = weights_eval_settings(weights_transforms)
-    for key in EVAL_OPTIONS:
-        ours = given[key]
-        if ours is not None and (tuple(ours) if key in ("mean", "std") else ours) != theirs[key]:
-            raise ValueError(
-                f"{key}={ours!r} conflicts with weights_transforms={weights_transforms!r}, whose eval transforms use "
-                f"{key}={theirs[key]!r}: drop --data.{key} (the weights set it) or --data.weights_transforms."
-            )
-    return theirs
+        settings = {key: defaults[key] if given[key] is None else given[key] for key in EVAL_OPTIONS}
+    else:
+        settings = weights_eval_settings(weights_transforms)
+        for key in EVAL_OPTIONS:
+            ours = given[key]
+            if ours is not None and (tuple(ours) if key in ("mean", "std") else ours) != settings[key]:
+                raise ValueError(
+                    f"{key}={ours!r} conflicts with weights_transforms={weights_transforms!r}, whose eval transforms "
+                    f"use {key}={settings[key]!r}: drop --data.{key} (the weights set it) or --data.weights_transforms."
+                )
+    if settings["val_crop_size"] > settings["val_resize_size"]:
+        # CenterCrop larger than the resized image pads it with black borders.
+        raise ValueError(
+            f"val_crop_size={settings['val_crop_size']!r} is invalid with val_resize_size="
+            f"{settings['val_resize_size']!r}: the crop must not exceed the resized shorter side "
+            f"(--data.val_crop_size{crop_hint})."
+        )
+    return settings
 
 
 def _is_finite(value: object) -> bool:
