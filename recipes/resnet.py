@@ -23,6 +23,7 @@ from lightning_recipes.recipes.common import (
     param_groups,
     run_cli,
 )
+from lightning_recipes.recipes.pretrained import load_pretrained
 from lightning_recipes.recipes.sync_batchnorm import GlobalBatchNorm2d, convert_to_global_batchnorm
 
 ARCHS = {"resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50}
@@ -52,6 +53,7 @@ class ResNetClassifier(ImageClassifier):
         label_smoothing: float = 0.1,
         channels_last: bool = False,
         compile: bool = False,
+        weights: Optional[str] = None,
     ) -> None:
         """
         Args:
@@ -80,6 +82,11 @@ class ResNetClassifier(ImageClassifier):
                 layout in which GPU tensor cores (and oneDNN on CPUs) run the convolutions fastest.
             compile: ``torch.compile`` the network (``nn.Module.compile``, after any FSDP2 sharding): the first steps
                 pay the compilation; checkpoints keep the plain model's keys.
+            weights: start from pretrained weights: a torchvision weights name of ``arch`` (``IMAGENET1K_V2``,
+                ``ResNet50_Weights.DEFAULT``), read offline from the torch hub cache, or a file (state dict,
+                Lightning checkpoint, torchvision reference checkpoint). With another ``num_classes`` the head
+                stays freshly initialised. Read when the module is built, so
+                ``load_from_checkpoint(path, weights=None)`` skips it.
         """
         super().__init__(
             num_classes=num_classes, label_smoothing=label_smoothing, channels_last=channels_last, compile=compile
@@ -120,6 +127,8 @@ class ResNetClassifier(ImageClassifier):
         elif in_channels != 3:
             self.model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         nn.init.kaiming_normal_(self.model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if weights is not None:
+            load_pretrained(self.model, weights, arch=arch)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)

@@ -25,6 +25,7 @@ from lightning_recipes.recipes.common import (
     param_groups,
     run_cli,
 )
+from lightning_recipes.recipes.pretrained import layer_decay_groups, load_pretrained
 
 
 class CheckpointedBlocks(nn.Sequential):
@@ -70,6 +71,8 @@ class ViTClassifier(ImageClassifier):
         label_smoothing: float = 0.1,
         channels_last: bool = False,
         compile: bool = False,
+        weights: Optional[str] = None,
+        layer_decay: Optional[float] = None,
     ) -> None:
         """
         Args:
@@ -109,6 +112,15 @@ class ViTClassifier(ImageClassifier):
                 layout in which GPU tensor cores (and oneDNN on CPUs) run the patch embedding (and conv stem) fastest.
             compile: ``torch.compile`` the network (``nn.Module.compile``, after any FSDP2 sharding): the first steps
                 pay the compilation; checkpoints keep the plain model's keys.
+            weights: start from pretrained weights: a torchvision weights name (``IMAGENET1K_V1`` when the options
+                are those of one of torchvision's ViTs, or ``ViT_B_16_Weights.DEFAULT``), read offline from the
+                torch hub cache, or a file (state dict, Lightning checkpoint, torchvision reference checkpoint).
+                With another ``num_classes`` the head stays freshly initialised; with another ``image_size`` the
+                position embedding is interpolated. Read when the module is built, so
+                ``load_from_checkpoint(path, weights=None)`` skips it.
+            layer_decay: layer-wise LR decay for fine-tuning (BEiT; timm's ``layer_decay``): block i (from 0) trains
+                at ``lr × layer_decay ** (depth - i)``, the embeddings (and a conv stem) one step lower, the final
+                norm and the head at ``lr``; each group's name is ``layer<id>/<decay group>``. null: one LR.
         """
         super().__init__(
             num_classes=num_classes, label_smoothing=label_smoothing, channels_last=channels_last, compile=compile
@@ -128,6 +140,8 @@ class ViTClassifier(ImageClassifier):
             check_model_arg(name, value, "it is a probability in [0, 1); 1 would drop everything", at_least=0, below=1)
         check_model_arg("lr", lr, "the peak learning rate must be > 0", above=0)
         check_model_arg("weight_decay", weight_decay, "use a value >= 0 (0 disables it)", at_least=0)
+        if layer_decay is not None:
+            check_model_arg("layer_decay", layer_decay, "use a value in (0, 1]; null disables it", above=0, at_most=1)
         for name, value in (("norm_weight_decay", norm_weight_decay), ("bias_weight_decay", bias_weight_decay),
                             ("transformer_embedding_decay", transformer_embedding_decay)):  # fmt: skip
             check_decay_switch(name, value)
@@ -189,6 +203,8 @@ class ViTClassifier(ImageClassifier):
             nn.init.trunc_normal_(proj.weight, std=math.sqrt(1 / (in_channels * patch_size**2)))
             nn.init.zeros_(proj.bias)
             self.model.conv_proj = proj
+        if weights is not None:
+            load_pretrained(self.model, weights)
         if activation_checkpointing:
             self.model.encoder.layers = CheckpointedBlocks(OrderedDict(self.model.encoder.layers.named_children()))
 
@@ -214,6 +230,8 @@ class ViTClassifier(ImageClassifier):
             bias_weight_decay=self.hparams.bias_weight_decay,
             embedding_weight_decay=self.hparams.transformer_embedding_decay,
         )
+        if self.hparams.layer_decay is not None:
+            groups = layer_decay_groups(self.model, groups, layer_decay=self.hparams.layer_decay, lr=self.hparams.lr)
         if self.hparams.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=self.hparams.lr, momentum=self.hparams.momentum, nesterov=True)
         return torch.optim.AdamW(groups, lr=self.hparams.lr, betas=self.hparams.betas)

@@ -348,3 +348,93 @@ def test_lr_schedule_keeps_the_layer_decay_ratios_through_warmup_and_decay():
         factor = lr_factor(step, total_steps=6, warmup_steps=2, warmup_start_factor=0.1)
         assert lrs == [base * factor for base in bases], step
         assert lrs[0] / lrs[-1] == pytest.approx(0.5 ** (depth + 1))
+
+
+# ------------------------------------------------------------------------------ the recipes' --model.weights
+
+
+def test_resnet_recipe_starts_from_a_weights_file_and_keeps_a_fresh_head_for_other_classes(tmp_path):
+    from lightning_recipes.recipes.resnet import ResNetClassifier
+
+    torch.manual_seed(3)
+    source = ResNetClassifier(num_classes=10, in_channels=1)
+    path = tmp_path / "digits_resnet.pt"
+    torch.save(source.model.state_dict(), path)
+    torch.manual_seed(4)
+    fresh = ResNetClassifier(num_classes=5, in_channels=1)
+    torch.manual_seed(4)
+    module = ResNetClassifier(num_classes=5, in_channels=1, weights=str(path))
+    assert module.hparams.weights == str(path)
+    assert_loaded(module.model, clone_state(source.model), except_keys=("fc.weight", "fc.bias"))
+    # The head is the one this seed initialises without weights, not the file's 10-class head.
+    assert torch.equal(module.model.fc.weight, fresh.model.fc.weight) and module.model.fc.weight.shape[0] == 5
+    # Another stem does not fit: the error names the tensor and the option.
+    with pytest.raises(ValueError, match=r"--model.weights=.*does not fit the model: 'conv1.weight'"):
+        ResNetClassifier(num_classes=10, in_channels=1, stem="imagenet", weights=str(path))
+
+
+def test_resnet_recipe_reads_a_torchvision_name_from_the_cache(resnet_cache, monkeypatch):
+    from lightning_recipes.recipes.resnet import ResNetClassifier
+
+    home, state = resnet_cache
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    module = ResNetClassifier(num_classes=7, in_channels=3, stem="imagenet", weights="IMAGENET1K_V1")
+    assert_loaded(module.model, state, except_keys=("fc.weight", "fc.bias"))
+    # The digits defaults (1 channel, small stem) cannot take ImageNet weights: refused before the cache is read.
+    monkeypatch.setenv("TORCH_HOME", str(home / "empty"))
+    with pytest.raises(ValueError, match=r"--model.weights='IMAGENET1K_V1'.*--model.stem imagenet"):
+        ResNetClassifier(num_classes=10, in_channels=1, weights="IMAGENET1K_V1")
+
+
+def test_vit_recipe_loads_a_file_for_another_image_size_and_splits_groups_by_layer_decay(tmp_path):
+    from lightning_recipes.recipes.vit import ViTClassifier
+
+    options = {"patch_size": 2, "depth": 2, "width": 16, "heads": 2, "mlp_dim": 32, "in_channels": 1}
+    torch.manual_seed(0)
+    source = ViTClassifier(image_size=8, num_classes=10, **options)
+    state = clone_state(source.model)
+    path = tmp_path / "vit.pt"
+    torch.save(state, path)
+    module = ViTClassifier(image_size=12, num_classes=10, weights=str(path), layer_decay=0.5, lr=0.01, **options)
+    expected = dict(state)
+    interpolate_embeddings(12, 2, expected)
+    assert expected["encoder.pos_embedding"].shape == (1, 37, 16)
+    assert_loaded(module.model, expected)
+    groups = module.build_optimizer().param_groups
+    names = [g["name"] for g in groups]
+    assert names[:2] == ["layer0/decay", "layer0/no_decay"] and names[-1] == "layer3/no_decay"
+    for group in groups:
+        layer = int(group["name"].split("/")[0][len("layer"):])
+        assert group["lr"] == 0.01 * 0.5 ** (3 - layer)
+        assert group["weight_decay"] == (0.05 if group["name"].endswith("/decay") else 0.0)
+    assert sum(len(g["params"]) for g in groups) == len(list(module.model.parameters()))
+    # Without layer_decay: the recipe's two groups, one LR.
+    assert [g["name"] for g in source.build_optimizer().param_groups] == ["decay", "no_decay"]
+    for bad in (0, 1.5):
+        with pytest.raises(ValueError, match=re.escape(f"--model.layer_decay")):
+            ViTClassifier(layer_decay=bad, **options)
+
+
+def test_cli_fine_tunes_from_a_weights_file(tmp_path, monkeypatch):
+    """``--model.weights`` through the CLI: validating the file's weights gives the checkpoint's own numbers."""
+    from lightning_recipes.recipes.common import run_cli
+    from lightning_recipes.recipes.vit import ViTClassifier
+
+    def vit_main(args):
+        return run_cli(ViTClassifier, "vit_digits.yaml", args=args)
+
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--trainer.enable_progress_bar=false", "--data.batch_size=8", "--model.depth=1", "--model.width=32",
+            "--model.heads=2", "--model.mlp_dim=32", "--trainer.limit_val_batches=2"]  # fmt: skip
+    vit_main(["fit", *tiny, "--trainer.max_steps=2"])
+    (last,) = tmp_path.glob("runs/*/checkpoints/last.ckpt")
+
+    def val_loss(*args):
+        cli = vit_main(["validate", *tiny, *args])
+        return cli.trainer.callback_metrics["val/loss"].item()
+
+    restored = val_loss(f"--ckpt_path={last}")
+    assert val_loss(f"--model.weights={last}", "--model.layer_decay=0.7") == restored
+    assert val_loss() != restored  # the seed's fresh weights
+    with pytest.raises(FileNotFoundError, match=r"--model.weights='.*nowhere.pt': no such file"):
+        vit_main(["fit", *tiny, f"--model.weights={tmp_path / 'nowhere.pt'}"])
