@@ -195,6 +195,10 @@ class ImageClassifier(LightningModule):
 
     def setup(self, stage: str) -> None:
         check_true_half(self, self.supports_true_half)
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # An instance attribute, not a class override: elsewhere Lightning's own clipping stays in place (and
+            # GradNormMonitor's cheap path for it).
+            self.configure_gradient_clipping = self._clip_fsdp_gradients  # type: ignore[method-assign]
         datamodule = getattr(self.trainer, "datamodule", None)
         for name in self.data_links:
             ours, theirs = self.hparams.get(name), getattr(datamodule, name, None)
@@ -203,6 +207,22 @@ class ImageClassifier(LightningModule):
                     f"model {name}={ours!r} disagrees with the data: {type(datamodule).__name__}.{name}={theirs!r}. "
                     f"Set the model's {name} to {theirs!r} (the recipe CLI links it from the data automatically)."
                 )
+
+    def _clip_fsdp_gradients(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: Optional[float] = None,
+        gradient_clip_algorithm: Optional[str] = None,
+    ) -> None:  # fmt: skip
+        """Clip by the norm over all shards under ``FSDPStrategy`` (FSDP1), whose precision plugin refuses it.
+
+        Lightning 2.6's ``FSDPPrecision.clip_grad_by_norm`` raises: ``torch.nn.utils.clip_grad_norm_`` on one
+        rank's shards would be wrong. The root ``FullyShardedDataParallel.clip_grad_norm_`` reduces the norm over
+        every rank (torch's FSDP docs, "clip_grad_norm_"); under ``16-mixed`` Lightning has unscaled the gradients
+        before this hook. Clipping by value is elementwise and stays Lightning's.
+        """
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):  # a str enum in Lightning
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

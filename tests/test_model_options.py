@@ -542,3 +542,50 @@ def test_under_ddp_and_fsdp2_each_rank_logs_its_window_and_the_epoch_is_over_all
             )
     ddp = [json.loads((tmp_path / f"ddp-rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ddp[0]["nhwc"] and ddp[1]["nhwc"] and ddp[0]["weight"] == ddp[1]["weight"]
+
+
+# ------------------------------------------------------------------------------------- FSDP1 gradient clipping
+
+
+class RootFSDP(nn.Module):
+    """Stands in for the root ``FullyShardedDataParallel`` (FSDPStrategy needs CUDA): records clip_grad_norm_."""
+
+    def __init__(self):
+        super().__init__()
+        self.clipped = []
+
+    def clip_grad_norm_(self, max_norm):
+        self.clipped.append(max_norm)
+
+
+@pytest.mark.parametrize("recipe", [ViTClassifier, ResNetClassifier])
+def test_under_fsdp1_clipping_by_norm_goes_to_the_root_modules_clip_grad_norm(recipe, monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.utilities import GradClipAlgorithmType
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    options = TINY_VIT if recipe is ViTClassifier else {}
+    module = recipe(**options)
+    strategy = FSDPStrategy()
+    root = RootFSDP()
+    monkeypatch.setattr(FSDPStrategy, "model", property(lambda self: root))
+    module._trainer = SimpleNamespace(strategy=strategy, precision="16-mixed", datamodule=None)
+    assert not is_overridden("configure_gradient_clipping", module)
+    module.setup("fit")
+    assert is_overridden("configure_gradient_clipping", module)
+    optimizer = module.build_optimizer()
+    module.configure_gradient_clipping(optimizer, 1.0, GradClipAlgorithmType.NORM)
+    module.configure_gradient_clipping(optimizer, 0.5, None)
+    assert root.clipped == [1.0, 0.5]
+    # By value: Lightning's own clipping (elementwise, right on shards), through the precision plugin.
+    calls = []
+    monkeypatch.setattr(module, "clip_gradients", lambda *args: calls.append(args))
+    module.configure_gradient_clipping(optimizer, 0.1, GradClipAlgorithmType.VALUE)
+    assert calls == [(optimizer, 0.1, GradClipAlgorithmType.VALUE)] and root.clipped == [1.0, 0.5]
+    # Another strategy: the class's hook, untouched.
+    other = recipe(**options)
+    other._trainer = SimpleNamespace(strategy=SimpleNamespace(), precision="32-true", datamodule=None)
+    other.setup("fit")
+    assert not is_overridden("configure_gradient_clipping", other)
