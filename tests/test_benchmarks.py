@@ -10,6 +10,7 @@ import importlib
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -49,22 +50,65 @@ def _figures(out: Path, name: str, repetitions: int) -> dict:
 
 def test_overhead_times_loop_trainer_recipe_and_each_part_of_the_recipe(load, tmp_path):
     out, threads = tmp_path / "overhead.json", torch.get_num_threads()
-    result = load("overhead").main(["--steps", "2", "--warmup", "1", "--reps", "1", "--batch-size", "8",
-                                    "--threads", "1", "--profile", "always", "--out", str(out)])  # fmt: skip
-    figures = _figures(out, "overhead", 1)
+    tiny = ["depth=1", "width=16", "heads=2", "mlp_dim=16", "conv_stem=[4, 4]"]  # the set-up, not the steps, costs
+    result = load("overhead").main(["--blocks", "3", "--steps", "2", "--warmup", "1", "--batch-size", "8", "--threads",
+                                    "1", "--profile", "always", "--out", str(out), "--model-args", *tiny])  # fmt: skip
+    figures = _figures(out, "overhead", 3)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))  # the JSON is what main returns
     # The recipe is vit_digits.yaml's: its logger and callbacks, each added in turn by the breakdown.
-    config = yaml.safe_load((ROOT / "recipes/configs/vit_digits.yaml").read_text())["trainer"]
-    callbacks = [entry["class_path"].rpartition(".")[2] for entry in config["callbacks"]]
+    shipped = yaml.safe_load((ROOT / "recipes/configs/vit_digits.yaml").read_text())
+    callbacks = [entry["class_path"].rpartition(".")[2] for entry in shipped["trainer"]["callbacks"]]
     assert "GradNormMonitor" in callbacks and "ResumableCheckpoint" in callbacks
     assert result["recipe_parts"] == ["logger", *callbacks]
+    candidates = ["loop", "trainer", "recipe module", "+ logger", *[f"+ {name}" for name in callbacks[:-1]], "recipe"]
     for part in ("recipe module", "+ logger", *[f"+ {name}" for name in callbacks]):
         assert f"breakdown: {part} / previous, median step" in figures
     assert figures["recipe / loop, median step"]["goal"] == "<= 1.03"
     assert figures["recipe / trainer, median step"]["goal"] == "<= 1.01"
-    for name in ("loop", "trainer", "recipe"):
-        assert len(figures[f"{name} step, median"]["values"]) == 1
-    assert result["model"]["args"]["conv_stem"] == [32, 64] and result["model"]["image_size"] == 16
-    assert result["machine"]["torch_threads"] == 1 and torch.get_num_threads() == threads  # restored
+
+    # Threads, blocks, the machine and the method, stated in the file.
+    assert result["threads"] == 1 and result["machine"]["torch_threads"] == 1 and torch.get_num_threads() == threads
+    assert result["blocks"] == 3 and result["config"]["blocks"] == 3
+    assert result["cpu"]["model"] and result["cpu"]["cores"] >= 1
+    method = result["method"]
+    assert method["candidates"] == candidates
+    assert method["every_position_equally_often"] is False  # 3 blocks, 8 candidates
+    assert (method["warmup_steps"], method["timed_steps_per_block"], method["timed_steps_per_candidate"]) == (2, 2, 6)
+
+    # Every ratio is per block, its interval brackets its median, and it is the ratio of the per-block medians.
+    ms = {name: figures[f"{name} step, median"]["values"] for name in ("loop", "trainer", "recipe")}
+    for name, figure in figures.items():
+        if name.endswith(", median step"):
+            assert len(figure["values"]) == 3, name
+            low, high = figure["interval_95"]
+            assert low <= figure["median"] <= high and figure["min"] <= low and high <= figure["max"], name
+    for a, b in (("recipe", "loop"), ("recipe", "trainer"), ("trainer", "loop")):
+        assert figures[f"{a} / {b}, median step"]["values"] == pytest.approx([x / y for x, y in zip(ms[a], ms[b])])
+    # The total-time rows: one value, the ratio of every timed second, inside its interval.
+    seconds = result["block_seconds"]
+    assert list(seconds) == candidates and all(len(v) == 3 for v in seconds.values())
+    for a, b in (("recipe", "loop"), ("recipe", "trainer")):
+        (value,) = figures[f"{a} / {b}, mean step"]["values"]
+        assert value == pytest.approx(sum(seconds[a]) / sum(seconds[b]))
+        low, high = figures[f"{a} / {b}, mean step"]["interval_95"]
+        assert low <= value <= high
+    # The verdict of each goal, and the README table: one row per ratio, with the JSON's median and interval.
+    for name, figure in figures.items():
+        if figure["goal"] is not None and figure["unit"] == "":
+            word = "met" if figure["met"] else "missed"
+            assert result["verdicts"][name] == (word if figure["resolved"] else f"not resolved (median {word})")
+    table = result["performance_table"]
+    assert table.startswith("`python benchmarks/overhead.py --blocks 3") and "1 torch thread," in table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| figure")]
+    assert len(rows) == 5 + 2 + len(callbacks)  # the ratios, recipe module, + logger, + each callback
+    row = next(line for line in rows if line.startswith("| recipe step / bare Trainer step |"))
+    recipe = figures["recipe / trainer, median step"]
+    low, high = recipe["interval_95"]
+    assert f"| {recipe['median']:.3f} | {low:.3f} – {high:.3f} | ≤ 1.01 |" in row
+    assert row.endswith(f" {result['verdicts']['recipe / trainer, median step']} |")
+
+    assert result["model"]["args"] == {**shipped["model"], "num_classes": 10, "in_channels": 1, "image_size": 16,
+                                       "depth": 1, "width": 16, "heads": 2, "mlp_dim": 16, "conv_stem": [4, 4]}
     assert result["model"]["flops_per_step"] > 0
     assert not any("MFU" in name for name in figures)  # no peak FLOP/s on a CPU
     profiled = result["profile_ms_per_step"]
@@ -73,15 +117,131 @@ def test_overhead_times_loop_trainer_recipe_and_each_part_of_the_recipe(load, tm
     assert set(result["callback_hooks_ms_per_step"]) == set(callbacks)
 
 
+def test_overhead_interleaves_persistent_candidates_a_slice_at_a_time_in_rotated_order(load):
+    overhead, log = load("overhead"), []
+
+    def run(name):
+        def steps(clock):
+            started = 0
+            while True:  # as the loop and the Trainer: the step whose clock says stop still runs
+                running = clock()
+                started += 1
+                log.append(f"{name}{started}")  # the step number shows that each candidate continues where it paused
+                if not running:
+                    return
+
+        return steps
+
+    periods = overhead.run_interleaved({name: run(name) for name in "abc"}, blocks=3, steps=2, warmup=1)
+    # Warm-up: 2 steps each; then blocks abc, bca, cab of 3 steps each (1 untimed + 2 timed); then each ends with one
+    # last step: steps_needed steps in all.
+    warmup = ["a1", "a2", "b1", "b2", "c1", "c2"]
+    blocks = []
+    done = {"a": 2, "b": 2, "c": 2}
+    for order in ("abc", "bca", "cab"):
+        for name in order:
+            blocks += [f"{name}{done[name] + i}" for i in (1, 2, 3)]
+            done[name] += 3
+    assert log == warmup + blocks + ["a12", "b12", "c12"]
+    assert overhead.steps_needed(blocks=3, steps=2, warmup=1) == 12
+    assert {name: [len(s) for s in slices] for name, slices in periods.items()} == {n: [2, 2, 2] for n in "abc"}
+    assert all(p > 0 for slices in periods.values() for s in slices for p in s)
+
+    def fails(clock):
+        clock()
+        raise ValueError("boom")
+
+    with pytest.raises(RuntimeError, match=r"candidate 'b' failed: ValueError\('boom'\)"):
+        overhead.run_interleaved({"a": run("a"), "b": fails}, blocks=2, steps=1, warmup=0)
+
+    def short(clock):
+        for _ in range(3):
+            clock()
+
+    with pytest.raises(RuntimeError, match="candidate 'b' ended after 3 steps, before its slice of 2 was complete"):
+        overhead.run_interleaved({"a": run("a"), "b": short}, blocks=2, steps=1, warmup=0)
+
+
+def test_overhead_figures_give_back_a_known_ratio_with_its_interval_and_verdict(load):
+    overhead, report = load("overhead"), load("report")
+    # Fake step times: the loop drifts from block to block (a noisy machine), the bare Trainer runs 0.99x it and
+    # the recipe 1.02x the loop in every step of every block, with a rare slow step (a save) in block 2.
+    drift = [0.100, 0.130, 0.090, 0.110, 0.125, 0.095, 0.105, 0.115]
+    loop = [[d * f for f in (1.00, 1.01, 0.99, 1.02, 0.98)] for d in drift]
+    periods = {
+        "loop": loop,
+        "trainer": [[0.99 * t for t in s] for s in loop],
+        "recipe": [[1.02 * t for t in s] for s in loop],
+    }
+    periods["recipe"][2][3] += 0.5  # on its slowest step: the slice's median stays 1.02x the loop's
+    result = report.Report("overhead", 8, {})
+    overhead.step_figures(result, periods, [("recipe", "+ everything")])
+    figures = {f.name: f for f in result.figures}
+    recipe_loop = figures["recipe / loop, median step"]
+    assert recipe_loop.values == pytest.approx([1.02] * 8) and recipe_loop.interval == pytest.approx((1.02, 1.02))
+    assert recipe_loop.met and recipe_loop.resolved and overhead.verdict(recipe_loop) == "met"
+    trainer = figures["recipe / trainer, median step"]
+    assert statistics.median(trainer.values) == pytest.approx(1.02 / 0.99)  # 1.0303 > 1.01: missed for certain
+    assert overhead.verdict(trainer) == "missed"
+    assert figures["breakdown: + everything / previous, median step"].values == trainer.values
+    assert figures["loop step, median"].values == pytest.approx([1e3 * d for d in drift])  # ms, one per block
+    # Total time, the slow step included: (1.02 x the loop's total + 0.5) / the loop's total.
+    total = sum(map(sum, loop))
+    assert figures["recipe / loop, mean step"].values == pytest.approx([(1.02 * total + 0.5) / total])
+    low, high = figures["recipe / loop, mean step"].interval
+    assert low <= (1.02 * total + 0.5) / total <= high and high > 1.1  # the one slow block widens the interval
+
+    # Noisy ratios around the goal: the median meets 1.01, the interval straddles it.
+    per_block = [0.99, 1.00, 1.005, 1.02, 1.03, 0.995, 1.01, 1.00]
+    periods["recipe"] = [[r * 0.99 * t for t in s] for r, s in zip(per_block, loop)]
+    result = report.Report("overhead", 8, {})
+    overhead.step_figures(result, periods, [])
+    trainer = next(f for f in result.figures if f.name == "recipe / trainer, median step")
+    assert trainer.values == pytest.approx(per_block)
+    assert trainer.interval == report.bootstrap_interval(trainer.values)
+    assert trainer.met and trainer.resolved is False and overhead.verdict(trainer) == "not resolved (median met)"
+    row = overhead.performance_table(result, "caption").splitlines()[5]
+    low, high = trainer.interval
+    assert row == (f"| recipe step / bare Trainer step | 1.002 | {low:.3f} – {high:.3f} | ≤ 1.01 |"
+                   " not resolved (median met) |")
+
+    assert overhead.total_ratio_interval([2.0, 4.0], [1.0, 2.0]) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="at least 2 paired blocks, got 1 and 1"):
+        overhead.total_ratio_interval([1.0], [1.0])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--blocks", "1"], r"--blocks must be >= 2 \(the interval resamples blocks\), got 1; try --blocks 24"),
+        (["--steps", "0"], r"--steps must be >= 1 \(timed steps per candidate and block\), got 0; try --steps 8"),
+        (["--warmup", "-1"], r"--warmup must be >= 0, got -1; try --warmup 10"),
+        (["--threads", "0"], r"--threads must be >= 1, got 0; omit it for one per usable core"),
+    ],
+)
+def test_overhead_rejects_bad_options_naming_them(load, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        load("overhead").main(argv)
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_overhead_gpu_mode_runs_on_cpu_at_a_tiny_size(load, tmp_path):
     out = tmp_path / "overhead.json"
-    tiny = ["--image-size", "32", "--batch-size", "2", "--steps", "2", "--warmup", "1", "--reps", "1", "--threads", "1",
-            "--no-breakdown", "--profile", "never"]  # fmt: skip
+    tiny = ["--image-size", "32", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--blocks", "2",
+            "--threads", "1", "--no-breakdown", "--profile", "never"]  # fmt: skip
     result = load("overhead").main(["--model", "vit_b16", *tiny, "--model-args", "depth=1", "width=64", "heads=2",
                                     "mlp_dim=64", "--peak-flops", "1e12", "--out", str(out)])  # fmt: skip
-    figures = _figures(out, "overhead", 1)
-    assert result["model"]["precision"] == "bf16-mixed"  # the ImageNet config's
+    figures = _figures(out, "overhead", 2)
+    shipped = yaml.safe_load((ROOT / "recipes/configs/vit_b16_imagenet.yaml").read_text())["trainer"]["precision"]
+    assert result["model"]["precision"] == shipped == "16-mixed"  # the config's (torchvision's --amp), bf16 on a CPU
     assert result["model"]["args"]["patch_size"] == 16 and result["model"]["args"]["num_classes"] == 1000
+    # The loop runs what the Trainer runs: 16-mixed becomes bf16 autocast on a CPU, without loss scaling.
+    overhead = load("overhead")
+    spec = overhead._spec(overhead.argparse.Namespace(model="vit_b16", image_size=32, model_args=[], precision=None,
+                                                      batch_size=2, device="cpu", compile=False), tmp_path)  # fmt: skip
+    with spec.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert spec.grad_scaler() is None
     # MFU from the counted FLOPs and the given peak; the 45% goal is the ViT-B/16 recipe's.
     assert figures["recipe MFU"]["goal"] == ">= 45"
     mfu = 100 * result["model"]["flops_per_step"] / (figures["recipe step, median"]["values"][0] / 1e3) / 1e12
@@ -90,7 +250,7 @@ def test_overhead_gpu_mode_runs_on_cpu_at_a_tiny_size(load, tmp_path):
                                       "ExponentialMovingAverage"]  # fmt: skip
 
     load("overhead").main(["--model", "resnet50", *tiny, "--precision", "32-true", "--out", str(out)])
-    figures = _figures(out, "overhead", 1)
+    figures = _figures(out, "overhead", 2)
     assert "recipe images/s" in figures and not any("MFU" in name for name in figures)
     assert any("MFU n/a" in note for note in json.loads(out.read_text())["notes"])
 
@@ -236,10 +396,10 @@ def test_overhead_gpt_mode_counts_nanogpt_flops_and_writes_its_own_file(load, tm
     overhead = load("overhead")
     monkeypatch.setattr(overhead, "RESULTS", tmp_path)  # the default --out for a model other than vit_digits
     result = overhead.main(["--model", "gpt2_124m", "--model-args", "depth=1", "width=32", "heads=2", "context_length=16",
-                            "--batch-size", "2", "--steps", "2", "--warmup", "1", "--reps", "1", "--threads", "1",
-                            "--profile", "never", "--peak-flops", "1e12"])  # fmt: skip
+                            "--batch-size", "2", "--steps", "1", "--warmup", "0", "--blocks", "2", "--threads", "1",
+                            "--no-breakdown", "--profile", "never", "--peak-flops", "1e12"])  # fmt: skip
     out = tmp_path / "overhead_gpt2_124m.json"
-    figures = _figures(out, "overhead", 1)
+    figures = _figures(out, "overhead", 2)
     model = result["model"]
     assert model["class"] == "GPT" and model["context_length"] == 16 and model["precision"] == "bf16-mixed"
     assert model["args"]["vocab_size"] == 50257 and model["args"]["pad_vocab_multiple"] == 64  # the config's
