@@ -355,6 +355,31 @@ def _last(run: Run, tag: str) -> Optional[float]:
     return run.series[tag][-1][2] if run.series.get(tag) else None
 
 
+#: A spike: a logged value above SPIKE_FACTOR x the median of the SPIKE_WINDOW values logged before it (issue 12's
+#: definition, loss > 1.5x its running median); the first SPIKE_MIN_HISTORY values have too little history to judge.
+SPIKE_FACTOR, SPIKE_WINDOW, SPIKE_MIN_HISTORY = 1.5, 25, 5
+
+
+def count_spikes(values: list[float], factor: float = SPIKE_FACTOR, window: int = SPIKE_WINDOW,
+                 min_history: int = SPIKE_MIN_HISTORY) -> int:  # fmt: skip
+    """How many values exceed ``factor`` x the median of the (up to) ``window`` values before them.
+
+    A non-finite value counts as a spike. The median, not the mean, so that a spike does not raise the bar for
+    the next ones; a run that stays high counts a spike for every value until the window's median catches up.
+    """
+    count = 0
+    for i in range(min_history, len(values)):
+        history = [v for v in values[max(0, i - window) : i] if math.isfinite(v)]
+        if not math.isfinite(values[i]) or (history and values[i] > factor * statistics.median(history)):
+            count += 1
+    return count
+
+
+def _spikes(run: Run, tag: str) -> Optional[int]:
+    points = run.series.get(tag)
+    return count_spikes([v for _, _, v in points]) if points else None
+
+
 def run_figures(run: Run, goal: Goal = Goal()) -> dict[str, Any]:
     """The per-run numbers the table aggregates (None where the run did not log what they need)."""
     measured = run.series.get(goal.metric, [])
@@ -387,6 +412,10 @@ def run_figures(run: Run, goal: Goal = Goal()) -> dict[str, Any]:
         "tokens_per_sec": statistics.median(v for _, _, v in run.series[TOKENS_PER_SEC]) if run.series.get(TOKENS_PER_SEC) else None,
         "peak_memory_mb": max((v for _, _, v in run.series.get(PEAK_MEMORY, [])), default=None),
         "seconds": seconds,
+        "loss_points": len(run.series.get(TRAIN_LOSS, [])),
+        "loss_spikes": _spikes(run, TRAIN_LOSS),
+        "grad_norm_spikes": _spikes(run, GRAD_NORM),
+        "max_grad_norm": max((v for _, _, v in run.series.get(GRAD_NORM, [])), default=None),
     }
 
 
@@ -457,6 +486,18 @@ def table(figures: list[dict[str, Any]], goal: Goal = Goal()) -> tuple[str, list
             notes.append(f"{variant}: runs of different lengths ({per_run} optimizer steps); final figures compare "
                          "different amounts of training.")
     return "\n".join(lines), notes
+
+
+def spikes_table(figures: list[dict[str, Any]]) -> str:
+    """Per variant: loss and pre-clip grad-norm spikes (:func:`count_spikes`) and the largest pre-clip norm."""
+    lines = [f"| variant | logged train/loss points | loss spikes (> {SPIKE_FACTOR}x running median) | "
+             f"grad-norm spikes (> {SPIKE_FACTOR}x running median) | max pre-clip grad norm |", "|---|---|---|---|---|"]
+    for variant in dict.fromkeys(f["variant"] for f in figures):
+        runs = [f for f in figures if f["variant"] == variant]
+        per_run = lambda key: "/".join("—" if f[key] is None else str(f[key]) for f in runs)  # noqa: E731
+        lines.append(f"| {variant} | {per_run('loss_points')} | {per_run('loss_spikes')} | "
+                     f"{per_run('grad_norm_spikes')} | {_cell(runs, 'max_grad_norm', digits=2)} |")
+    return "\n".join(lines)
 
 
 def _last_line(log: Path) -> str:
@@ -681,6 +722,10 @@ def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str, ba
     text = [f"# {title}", "", markdown, ""]
     if stats["comparisons"]:
         text += [statistics_table(stats, goal), ""]
+    if any(f["loss_spikes"] is not None for f in figures):
+        text += [f"Spikes per run (run by run, in the order above; running median of the previous {SPIKE_WINDOW} "
+                 "logged values, so they count per logged step: log every step to count every step):", "",
+                 spikes_table(figures), ""]
     if notes:
         text += ["Notes:", *[f"- {n}" for n in notes], ""]
     text += [f"![{p.stem}]({p.name})" for p in plots]

@@ -36,7 +36,8 @@ def _write_run(folder: Path, acc: list[float], *, steps: int = 30, val_loss: boo
 
 
 def _row(markdown: str, variant: str) -> list[str]:
-    (line,) = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")]
+    # The main table's row: the first (the spikes table below it has a row per variant too).
+    line = [line for line in markdown.splitlines() if line.startswith(f"| {variant} |")][0]
     return [cell.strip() for cell in line.strip("|").split("|")]
 
 
@@ -187,6 +188,15 @@ GRIDS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yam
 MODELS = {"vit": ViTClassifier, "resnet": ResNetClassifier}
 
 
+def _recipe_classes(recipe):
+    if recipe == "gpt":
+        from lightning_recipes.datamodules.text import TextDataModule
+        from lightning_recipes.recipes.gpt import GPT
+
+        return GPT, TextDataModule
+    return MODELS[recipe], ImageClassificationDataModule
+
+
 def test_the_experiment_grids_ship():
     assert len(GRIDS) >= 7, [g.name for g in GRIDS]
 
@@ -200,8 +210,9 @@ def test_every_experiment_variant_builds_its_model_data_and_trainer(grid_file, t
         path = tmp_path / f"{variant.name}.yaml"
         path.write_text(yaml.safe_dump(config))
         # Instantiates everything the run would (model, data, trainer, callbacks, strategy, precision), trains nothing.
+        model_class, data_class = _recipe_classes(variant.recipe)
         cli = RecipeCLI(
-            MODELS[variant.recipe], ImageClassificationDataModule, subclass_mode_data=True, run=False,
+            model_class, data_class, subclass_mode_data=True, run=False,
             auto_configure_optimizers=False, args=["--config", str(path)],
         )
         assert cli.trainer.default_root_dir == str(tmp_path / variant.name)
@@ -297,6 +308,28 @@ def test_a_gpt_grid_runs_real_runs_and_ranks_them_by_val_bpb(tmp_path):
     assert "tokens/s" in document.splitlines()[2]
     config = yaml.safe_load((out / "post_ln" / "seed_0" / "config.yaml").read_text())
     assert config["model"]["norm_first"] is False and config["data"]["class_path"].endswith("TextDataModule")
+
+
+def test_spikes_are_values_above_one_and_a_half_times_the_running_median_and_the_table_lists_them(tmp_path):
+    assert compare.count_spikes([1.0] * 10) == 0
+    # Index 6: 1.6 > 1.5 x median(1.0 ...); index 7: 1.4 is not; index 8: nan counts; the first 5 have no verdict.
+    assert compare.count_spikes([9.0, 1, 1, 1, 1, 1, 1.6, 1.4, math.nan, 1.0]) == 2
+    # The median over the previous 25 values only: a level that stays high stops counting once it is the median.
+    values = [1.0] * 30 + [2.0] * 30
+    assert compare.count_spikes(values) == 13  # steps 30..42, until 2.0 fills more than half of the window
+    for seed, spike in enumerate((False, True)):
+        writer = SummaryWriter(str(tmp_path / "v" / f"seed{seed}"))
+        for step in range(20):
+            loss = 5.0 if spike and step == 12 else 2.0
+            writer.add_scalar("train/loss", loss, step, walltime=1000 + step)
+            writer.add_scalar("grad_norm/total", 3.0 * loss, step, walltime=1000 + step)
+        writer.add_scalar("val/acc", 0.5, 19, walltime=1019)
+        writer.close()
+    document = compare.main(["logs", str(tmp_path / "v"), "--out", str(tmp_path / "out")])
+    # Run by run: 0 then 1 spike in both series; the largest pre-clip norm 6 and 15.
+    assert "| v | 20/20 | 0/1 | 0/1 | 10.50 ± 6.36 |" in document
+    figures = json.loads((tmp_path / "out" / "compare.json").read_text())["runs"]
+    assert [(f["loss_spikes"], f["grad_norm_spikes"], f["max_grad_norm"]) for f in figures] == [(0, 0, 6.0), (1, 1, 15.0)]
 
 
 # ------------------------------------------------------------------------------------------- statistics (Welch's t)
