@@ -96,7 +96,10 @@ class ResNetClassifier(ImageClassifier):
         if stem not in ("imagenet", "small"):
             raise ValueError(f"stem={stem!r} is not supported: choose 'imagenet' or 'small'.")
         if stem_stride not in (1, 2) or (stem_stride == 2 and stem != "small"):
-            raise ValueError(f"stem_stride={stem_stride!r} is invalid: use 1, or 2 with stem='small'.")
+            raise ValueError(
+                f"stem_stride={stem_stride!r} is invalid with stem={stem!r}: use 1, or 2 with stem='small' "
+                "(--model.stem_stride 1; the digits defaults set 2 for their 16-px inputs)."
+            )
         if norm not in ("batch", "group", "sync_batch"):
             raise ValueError(f"norm={norm!r} is not supported: choose one of 'batch', 'group', 'sync_batch'.")
         check_number("in_channels", in_channels, "it must be a positive int", option=None, integer=True, at_least=1)

@@ -177,7 +177,8 @@ class ViTClassifier(ImageClassifier):
             if 2**halvings != patch_size or len(conv_stem) < halvings:
                 raise ValueError(
                     f"conv_stem={conv_stem} with patch_size={patch_size}: a conv stem downsamples by 2 per stride-2 "
-                    f"conv, so patch_size must be a power of 2 and conv_stem needs at least log2(patch_size) entries."
+                    f"conv, so patch_size must be a power of 2 and conv_stem needs at least log2(patch_size) entries; "
+                    "or --model.conv_stem null for the standard patchify layer (the digits defaults set a conv stem)."
                 )
             strides = [1] * (len(conv_stem) - halvings) + [2] * halvings
         self.save_hyperparameters()

@@ -52,3 +52,38 @@ def test_compare_run_command_names_a_grid_that_plans_its_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     planned = [line for line in result.stdout.splitlines() if "-m lightning_recipes.recipes.vit fit --config" in line]
     assert len(planned) == 4  # schedules_vit: 4 schedules x 1 seed
+
+
+def test_image_folder_and_fine_tuning_commands_build_their_run_as_written(tmp_path, monkeypatch):
+    """Every README command on ``my_data`` builds its model and data as typed (the digits defaults included, as
+    for a user without --config); those with ``--model.weights`` get as far as the torch hub cache."""
+    from data_fakes import write_tree
+
+    from lightning_recipes.datamodules.base import ImageClassificationDataModule
+    from lightning_recipes.recipes.common import CONFIG_DIR, RecipeCLI
+    from lightning_recipes.recipes.resnet import ResNetClassifier
+    from lightning_recipes.recipes.vit import ViTClassifier
+
+    recipes = {"recipes/resnet.py": (ResNetClassifier, "resnet_digits.yaml"),
+               "recipes/vit.py": (ViTClassifier, "vit_digits.yaml")}  # fmt: skip
+    commands = [c for c in _commands("python recipes/") if "--data.root my_data" in c]
+    assert len(commands) == 4 and sum("--model.weights" in c for c in commands) == 2, commands
+    root = write_tree(tmp_path / "my_data")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_hub"))
+    for command in commands:
+        _, script, subcommand, *args = shlex.split(command)
+        assert subcommand == "fit"
+        args = [root if a == "my_data" else a for a in args]
+        model_class, defaults = recipes[script]
+
+        def build():
+            return RecipeCLI(model_class, ImageClassificationDataModule, subclass_mode_data=True, run=False,
+                             auto_configure_optimizers=False, args=args,
+                             parser_kwargs={"default_config_files": [str(CONFIG_DIR / defaults)]})  # fmt: skip
+
+        if "--model.weights" in args:
+            with pytest.raises(FileNotFoundError, match="is not in the torch hub cache, and the recipes never download"):
+                build()
+        else:
+            cli = build()
+            assert cli.datamodule.num_classes == 3 and cli.model.hparams.num_classes == 3
