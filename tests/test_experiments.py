@@ -51,7 +51,7 @@ def test_every_experiment_file_has_its_command_in_experiments_md_and_every_comma
     grids = {p.relative_to(ROOT).as_posix() for p in EXPERIMENTS.glob("*.yaml")}
     assert set(SCRIPT_COMMANDS) == scripts == {
         "experiments/accumulation.py", "experiments/loss_scaling.py", "experiments/master_weights.py",
-        "experiments/lr_find.py",
+        "experiments/lr_find.py", "experiments/token_accumulation.py",
     }
     assert sorted(argv[3] for argv in GRID_COMMANDS) == sorted(grids) and len(grids) == 7
     assert not (ROOT / "recipes/experiments.py").exists() and not (ROOT / "recipes/configs/experiments").exists()
@@ -257,3 +257,34 @@ def test_the_experiments_use_the_installed_package_and_their_own_common_module_o
                 assert top not in repository_folders and top not in EXPERIMENT_MODULES - {"_common"}, (
                     f"{script.name} line {node.lineno}: import {module}; use lightning_recipes.* or _common"
                 )
+
+
+#: EXPERIMENTS.md sections whose tables are pasted from the files their command wrote (issue 17: a raw file behind
+#: every number): each table of the section must appear, line for line, in one of those files.
+RAW_TABLES = {
+    "12. ": ("docs/experiments/token_accumulation/token_accumulation.md",),
+}
+
+
+def _tables(text: str) -> list[str]:
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line.rstrip())
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return tables
+
+
+@pytest.mark.parametrize("prefix", sorted(RAW_TABLES))
+def test_the_tables_of_a_measured_section_are_the_raw_files_tables(prefix):
+    text = (ROOT / "EXPERIMENTS.md").read_text()
+    (start,) = [m.start() for m in re.finditer(rf"^## {re.escape(prefix)}", text, flags=re.M)]
+    end = text.find("\n## ", start + 1)
+    section = text[start : end if end != -1 else len(text)]
+    raw = [t for path in RAW_TABLES[prefix] for t in _tables((ROOT / path).read_text())]
+    tables = _tables(section)
+    assert tables, f"section {prefix!r} has no table"
+    for table in tables:
+        assert table in raw, f"a table of section {prefix!r} is not in {RAW_TABLES[prefix]}:\n{table}"
