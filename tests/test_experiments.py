@@ -53,7 +53,7 @@ def test_every_experiment_file_has_its_command_in_experiments_md_and_every_comma
         "experiments/accumulation.py", "experiments/loss_scaling.py", "experiments/master_weights.py",
         "experiments/lr_find.py", "experiments/token_accumulation.py",
     }
-    assert sorted(argv[3] for argv in GRID_COMMANDS) == sorted(grids) and len(grids) == 7
+    assert sorted(argv[3] for argv in GRID_COMMANDS) == sorted(grids) and len(grids) == 9
     assert not (ROOT / "recipes/experiments.py").exists() and not (ROOT / "recipes/configs/experiments").exists()
 
 
@@ -262,6 +262,8 @@ def test_the_experiments_use_the_installed_package_and_their_own_common_module_o
 #: EXPERIMENTS.md sections whose tables are pasted from the files their command wrote (issue 17: a raw file behind
 #: every number): each table of the section must appear, line for line, in one of those files.
 RAW_TABLES = {
+    "10. ": ("docs/experiments/gpt_warmup_norm/compare.md",),
+    "11. ": ("docs/experiments/gpt_beta2_clipping/compare.md",),
     "12. ": ("docs/experiments/token_accumulation/token_accumulation.md",),
 }
 
