@@ -112,7 +112,6 @@ import contextlib
 import importlib
 import math
 import os
-import random
 import re
 import statistics
 import sys
@@ -141,6 +140,7 @@ from report import (
     config_of,
     interleave,
     machine,
+    percentile_bootstrap,
     quiet_lightning,
     ratios,
     torch_threads,
@@ -635,16 +635,13 @@ def total_ratio_interval(
     numerators: list[float], denominators: list[float], *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of ``sum(numerators) / sum(denominators)``, the pairs (one per block)
-    resampled together; the same resampling and percentile rule as report.bootstrap_interval."""
+    resampled together (report.percentile_bootstrap, as report.bootstrap_interval)."""
     if len(numerators) < 2 or len(numerators) != len(denominators):
         raise ValueError(f"need at least 2 paired blocks, got {len(numerators)} and {len(denominators)}")
-    rng, n = random.Random(seed), len(numerators)
-    samples = []
-    for _ in range(resamples):
-        picks = rng.choices(range(n), k=n)
-        samples.append(sum(numerators[i] for i in picks) / sum(denominators[i] for i in picks))
-    samples.sort()
-    return samples[math.floor((1 - level) / 2 * (resamples - 1))], samples[math.ceil((1 + level) / 2 * (resamples - 1))]
+    return percentile_bootstrap(
+        len(numerators), lambda picks: sum(numerators[i] for i in picks) / sum(denominators[i] for i in picks),
+        level=level, resamples=resamples, seed=seed,
+    )  # fmt: skip
 
 
 #: Figure name -> the row label of the README table.

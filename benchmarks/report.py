@@ -56,16 +56,25 @@ def bootstrap_interval(
     ``(1 + level) / 2`` quantiles of the resampled medians. Blocks, not single steps, are the unit: steps within
     a block share the machine's state of that minute and are not independent. Seeded, so a report reproduces.
     """
-    import random
-
     if len(values) < 2:
         raise ValueError(f"a bootstrap interval needs at least 2 blocks, got {len(values)}")
+    return percentile_bootstrap(
+        len(values), lambda picks: statistics.median(values[i] for i in picks),
+        level=level, resamples=resamples, seed=seed,
+    )  # fmt: skip
+
+
+def percentile_bootstrap(
+    n: int, statistic: Callable[[list[int]], float], *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of ``statistic`` over ``resamples`` draws of
+    ``n`` block indices with replacement (seeded): the resampling both :func:`bootstrap_interval` and paired
+    statistics of several candidates (the same blocks drawn for each) share."""
+    import random
+
     rng = random.Random(seed)
-    n = len(values)
-    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
-    low = medians[int(math.floor((1 - level) / 2 * (resamples - 1)))]
-    high = medians[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
-    return low, high
+    samples = sorted(statistic(rng.choices(range(n), k=n)) for _ in range(resamples))
+    return samples[int(math.floor((1 - level) / 2 * (resamples - 1)))], samples[int(math.ceil((1 + level) / 2 * (resamples - 1)))]
 
 
 def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[float]:
