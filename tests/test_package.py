@@ -84,4 +84,4 @@ def test_the_lowest_versions_ci_stage_installs_exactly_the_declared_floors():
     for name, floor in declared.items():
         assert tuple(map(int, pinned[name].split("."))) == tuple(map(int, (floor + ".0.0").split(".")[:3])), name
     run = (root / ".ci/run").read_text()
-    assert "pip install -c .ci/lowest.txt -e \".[dev]\"" in run and "python -m pytest -q" in run
+    assert "pip install -c .ci/lowest.txt -e \".[dev]\"" in run and "python -m pytest -q -n auto --dist loadfile" in run
