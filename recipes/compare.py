@@ -289,17 +289,40 @@ def run_grid(grid: Grid, out: Path, *, rerun: bool = False, dry_run: bool = Fals
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config(variant, seed, run_dir), sort_keys=False))
             print(f"{variant.name} seed {seed}: {' '.join(command)}", flush=True)
+            conditions = {"commit": source_commit(), "torch_threads": torch.get_num_threads(),
+                          "load_average_1m_at_start": _load_average()}  # fmt: skip
             start = time.time()
             with open(run_dir / "log.txt", "w") as log:
                 returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
             seconds = time.time() - start
             record.write_text(
                 json.dumps({"variant": variant.name, "seed": seed, "returncode": returncode, "start_time": start,
-                            "seconds": seconds, "command": command}, indent=1)
+                            "seconds": seconds, "command": command, **conditions,
+                            "load_average_1m_at_end": _load_average()}, indent=1)
             )
             status = "ok" if returncode == 0 else f"CRASHED (exit {returncode}, see {run_dir / 'log.txt'})"
             print(f"{variant.name} seed {seed}: {status} in {seconds:.0f} s", flush=True)
     return run_dirs
+
+
+def source_commit() -> Optional[str]:
+    """The git commit of the recipes that run (``+dirty`` when the checkout has uncommitted changes); None outside
+    a git checkout (an installed wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+dirty" if status.stdout.strip() else "")
+
+
+def _load_average() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)  # other jobs on the machine show here
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ reading logs
@@ -316,6 +339,7 @@ class Run:
     returncode: Optional[int] = None
     start_time: Optional[float] = None
     seconds: Optional[float] = None
+    conditions: dict[str, Any] = field(default_factory=dict)  # commit, torch threads, load average (run.json)
 
     @property
     def crashed(self) -> bool:
@@ -336,6 +360,7 @@ def read_run(variant: str, path: Path, run_root: Path) -> Run:
     if record.is_file():
         info = json.loads(record.read_text())
         run.returncode, run.start_time, run.seconds = info.get("returncode"), info.get("start_time"), info.get("seconds")
+        run.conditions = {k: info[k] for k in CONDITIONS if k in info}
     return run
 
 
@@ -353,6 +378,10 @@ def find_runs(variant_dir: Path, variant: str) -> list[Run]:
 
 def _last(run: Run, tag: str) -> Optional[float]:
     return run.series[tag][-1][2] if run.series.get(tag) else None
+
+
+#: What run.json records about how a grid run was measured, copied into its figures.
+CONDITIONS = ("commit", "torch_threads", "load_average_1m_at_start", "load_average_1m_at_end")
 
 
 #: A spike: a logged value above SPIKE_FACTOR x the median of the SPIKE_WINDOW values logged before it (issue 12's
@@ -416,6 +445,7 @@ def run_figures(run: Run, goal: Goal = Goal()) -> dict[str, Any]:
         "loss_spikes": _spikes(run, TRAIN_LOSS),
         "grad_norm_spikes": _spikes(run, GRAD_NORM),
         "max_grad_norm": max((v for _, _, v in run.series.get(GRAD_NORM, [])), default=None),
+        **{k: run.conditions.get(k) for k in CONDITIONS},
     }
 
 
@@ -698,6 +728,26 @@ def plot(runs: list[Run], out: Path, metric: str = VAL_ACC) -> list[Path]:
 # -------------------------------------------------------------------------------------------------------- main
 
 
+def measured_under(figures: list[dict[str, Any]]) -> list[str]:
+    """A line on how the grid's runs were measured (commit, threads, load), from their run.json; none for logs."""
+    def values(key):
+        return sorted({f[key] for f in figures if f.get(key) is not None}, key=str)
+
+    commits, threads = values("commit"), values("torch_threads")
+    loads = values("load_average_1m_at_start") + values("load_average_1m_at_end")
+    if not (commits or threads or loads):
+        return []
+    parts = []
+    if commits:
+        parts.append(f"commit {', '.join(c[:12] + ('+dirty' if c.endswith('+dirty') else '') for c in commits)}")
+    if threads:
+        parts.append(f"{' or '.join(map(str, threads))} torch thread(s) per run")
+    if loads:
+        parts.append(f"1-minute load average {min(loads):.2f}–{max(loads):.2f} at the runs' starts and ends (timings "
+                     "compare only between runs measured under the same load)")
+    return [f"Measured: {'; '.join(parts)}.", ""]
+
+
 def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str, baseline: Optional[str] = None) -> str:
     """Read every variant's runs, write compare.md / compare.json / the plots into ``out``; return the markdown.
 
@@ -719,7 +769,7 @@ def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str, ba
                          "beside n in the statistics, not in the mean.")
     out.mkdir(parents=True, exist_ok=True)
     plots = plot(runs, out, goal.metric)
-    text = [f"# {title}", "", markdown, ""]
+    text = [f"# {title}", "", *measured_under(figures), markdown, ""]
     if stats["comparisons"]:
         text += [statistics_table(stats, goal), ""]
     if any(f["loss_spikes"] is not None for f in figures):
