@@ -257,6 +257,9 @@ def experiment_parser(name: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("runs/experiments") / name,
                         help="folder for result.json and the plots (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data order (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch intra-op threads; float32 sums, so some results, depend on it (default: "
+                             "%(default)s; None = torch's, one per core or OMP_NUM_THREADS; result.json records it)")
     return parser
 
 
@@ -287,6 +290,8 @@ def run_experiment(
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     with quiet(*expected_warnings):
         result = experiment(args)

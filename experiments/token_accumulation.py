@@ -326,7 +326,6 @@ def token_accumulation(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.last_steps > args.steps:
         raise ValueError(f"--last-steps {args.last_steps} is more than --steps {args.steps}: use at most {args.steps}")
-    torch.set_num_threads(args.threads)
     gradients = gradient_differences(args)
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
@@ -476,9 +475,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-micro-batches", type=positive_int, nargs="*", default=[1],
                    help="more micro-batch sizes for the gradient comparison, each dividing k x B: 1 is one window"
                         " (document) per micro-batch (default: %(default)s)")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch intra-op threads (default: %(default)s: the float32 sums do not depend on the core"
-                        " count, and a busy 2-core machine does not make the threads wait on each other)")
+    # One torch thread unless --threads says otherwise: the float32 sums compared here do not depend on the core
+    # count, and a busy 2-core machine does not make the threads wait on each other.
+    p.set_defaults(threads=1)
     p.add_argument("--precisions", nargs="+", choices=sorted(PRECISIONS), default=list(PRECISIONS),
                    help="dtypes of the gradient comparison (default: %(default)s)")
     return p
