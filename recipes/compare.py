@@ -306,12 +306,13 @@ def run_grid(grid: Grid, out: Path, *, rerun: bool = False, dry_run: bool = Fals
 
 
 def source_commit() -> Optional[str]:
-    """The git commit of the recipes that run (``+dirty`` when the checkout has uncommitted changes); None outside
-    a git checkout (an installed wheel)."""
+    """The git commit of the recipes that run, ``+dirty`` when the code they run (recipes/, callbacks/,
+    datamodules/, pyproject.toml) has uncommitted changes; None outside a git checkout (an installed wheel)."""
     here = Path(__file__).resolve().parent
+    code = [".", "../callbacks", "../datamodules", "../pyproject.toml"]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *code], cwd=here,
                                 capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
