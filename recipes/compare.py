@@ -9,7 +9,8 @@ Both write ``<out>/compare.md`` (the table, the statistics table below, notes on
 run, the plots), ``<out>/compare.json`` (every run's figures and the statistics, as numbers) and PNG plots: the
 metric (``--metric``, default val/acc) vs optimizer step and vs wall time, train loss, learning rate and gradient
 norm, one line per variant (mean over seeds) with a min–max band. ``--mode`` says whether larger (``max``, the default) or smaller (``min``: losses, bits per byte) is
-better: it picks each run's best value and when a run reaches ``--target``.
+better: it picks each run's best value and when a run reaches ``--target``. ``--no-timing`` leaves the wall-clock
+figures out (seconds to target, throughput, wall time and the time plot) when other jobs shared the machine.
 
 A grid file (``experiments/*.yaml``) is::
 
@@ -178,6 +179,7 @@ class Goal:
     metric: str = VAL_ACC
     mode: str = "max"
     target: Optional[float] = None
+    timing: bool = True  # False (--no-timing): no wall-clock columns, comparison or plot (a shared machine's runs)
 
     @property
     def key(self) -> str:  # val/acc -> val_acc: figure names (final_val_acc) and plot file names
@@ -480,6 +482,8 @@ def table(figures: list[dict[str, Any]], goal: Goal = Goal()) -> tuple[str, list
         f"steps to {target}" if target else "steps to target", f"seconds to {target}" if target else "seconds to target",
         "tokens/s" if throughput == "tokens_per_sec" else "samples/s", "peak memory MB", "wall time s",
     ]
+    timed = [7, 8, 10]  # the wall-clock columns, left out without goal.timing
+    header = [h for i, h in enumerate(header) if goal.timing or i not in timed]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
     variants = list(dict.fromkeys(f["variant"] for f in figures))
@@ -503,13 +507,15 @@ def table(figures: list[dict[str, Any]], goal: Goal = Goal()) -> tuple[str, list
             _cell(runs, "final_val_loss", digits=3), steps_text, to_steps, to_seconds,
             _cell(runs, throughput, digits=0), _cell(runs, "peak_memory_mb", digits=0), _cell(runs, "seconds", digits=0),
         ]
+        row = [cell for i, cell in enumerate(row) if goal.timing or i not in timed]
         lines.append("| " + " | ".join(row) + " |")
         for f in runs:
             where = f"{variant}/{f['run']}"
             if f["returncode"] not in (None, 0):
                 notes.append(f"{where}: crashed with exit code {f['returncode']}: {_last_line(Path(f['path']) / 'log.txt')} "
                              f"(see {f['path']}/log.txt); its figures, if any, are from the steps it logged before.")
-            missing = [k for k in (f"final_{goal.key}", "final_val_loss", throughput, "peak_memory_mb") if f[k] is None]
+            logged = (f"final_{goal.key}", "final_val_loss", *([throughput] if goal.timing else []), "peak_memory_mb")
+            missing = [k for k in logged if f[k] is None]
             if missing:
                 notes.append(f"{where}: logged no {', '.join(missing)}.")
         if len(steps) > 1:
@@ -601,7 +607,7 @@ def comparisons(figures: list[dict[str, Any]], goal: Goal = Goal(), baseline: Op
     target = goal.target_text
     keys = [(f"final_{goal.key}", "no value")]
     if target is not None:
-        keys += [("steps_to_target", "not reached"), ("seconds_to_target", "not reached")]
+        keys += [("steps_to_target", "not reached")] + ([("seconds_to_target", "not reached")] if goal.timing else [])
     result = []
     for variant in variants:
         if variant == baseline:
@@ -684,7 +690,7 @@ def _aligned(runs: list[Run], tag: str) -> Optional[tuple[Any, Any, Any, Any, An
         return steps, np.nanmean(times, 0), np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
-def plot(runs: list[Run], out: Path, metric: str = VAL_ACC) -> list[Path]:
+def plot(runs: list[Run], out: Path, metric: str = VAL_ACC, timing: bool = True) -> list[Path]:
     """One PNG per figure; one line per variant (mean over its runs) and a band from the min to the max run."""
     import matplotlib
 
@@ -694,7 +700,7 @@ def plot(runs: list[Run], out: Path, metric: str = VAL_ACC) -> list[Path]:
     lr_tag = next((t for run in runs for t in sorted(run.series) if t.startswith("lr/")), None)
     figures = [
         (f"{Goal(metric).key}_vs_step", metric, "optimizer step", metric, False),
-        (f"{Goal(metric).key}_vs_time", metric, "wall time (s)", metric, True),
+        *([(f"{Goal(metric).key}_vs_time", metric, "wall time (s)", metric, True)] if timing else []),
         ("train_loss", TRAIN_LOSS, "optimizer step", "train loss", False),
         ("lr", lr_tag, "optimizer step", f"learning rate ({lr_tag})", False),
         ("grad_norm", GRAD_NORM, "optimizer step", "gradient norm before clipping", False),
@@ -729,23 +735,24 @@ def plot(runs: list[Run], out: Path, metric: str = VAL_ACC) -> list[Path]:
 # -------------------------------------------------------------------------------------------------------- main
 
 
-def measured_under(figures: list[dict[str, Any]]) -> list[str]:
-    """A line on how the grid's runs were measured (commit, threads, load), from their run.json; none for logs."""
+def measured_under(figures: list[dict[str, Any]], timing: bool = True) -> list[str]:
+    """A line on how the grid's runs were measured (commit, threads, load), from their run.json, and whether the
+    wall-clock figures are left out."""
     def values(key):
         return sorted({f[key] for f in figures if f.get(key) is not None}, key=str)
 
     commits, threads = values("commit"), values("torch_threads")
     loads = values("load_average_1m_at_start") + values("load_average_1m_at_end")
-    if not (commits or threads or loads):
+    parts = [] if timing else ["wall-clock figures left out (--no-timing: other jobs shared the machine)"]
+    if not (commits or threads or loads or parts):
         return []
-    parts = []
     if commits:
         parts.append(f"commit {', '.join(c[:12] + ('+dirty' if c.endswith('+dirty') else '') for c in commits)}")
     if threads:
         parts.append(f"{' or '.join(map(str, threads))} torch thread(s) per run")
     if loads:
-        parts.append(f"1-minute load average {min(loads):.2f}–{max(loads):.2f} at the runs' starts and ends (timings "
-                     "compare only between runs measured under the same load)")
+        parts.append(f"1-minute load average {min(loads):.2f}–{max(loads):.2f} at the runs' starts and ends"
+                     + (" (timings compare only between runs measured under the same load)" if timing else ""))
     return [f"Measured: {'; '.join(parts)}.", ""]
 
 
@@ -769,8 +776,8 @@ def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str, ba
             notes.append(f"{f['variant']}/{f['run']}: final {goal.metric} is {value} (diverged): counted as diverged "
                          "beside n in the statistics, not in the mean.")
     out.mkdir(parents=True, exist_ok=True)
-    plots = plot(runs, out, goal.metric)
-    text = [f"# {title}", "", *measured_under(figures), markdown, ""]
+    plots = plot(runs, out, goal.metric, goal.timing)
+    text = [f"# {title}", "", *measured_under(figures, goal.timing), markdown, ""]
     if stats["comparisons"]:
         text += [statistics_table(stats, goal), ""]
     if any(f["loss_spikes"] is not None for f in figures):
@@ -786,7 +793,8 @@ def compare(variant_dirs: dict[str, Path], out: Path, goal: Goal, title: str, ba
                "torch": torch.__version__, "python": platform.python_version()}
     (out / "compare.json").write_text(json.dumps(
         {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-         "metric": goal.metric, "mode": goal.mode, "target": goal.target, "runs": figures, "statistics": stats},
+         "metric": goal.metric, "mode": goal.mode, "target": goal.target, "timing": goal.timing, "runs": figures,
+         "statistics": stats},
         indent=1))
     return document
 
@@ -814,6 +822,9 @@ def main(argv: Optional[list[str]] = None) -> str:
         p.add_argument("--mode", choices=("min", "max"), help="max (default): larger is better; min: smaller is")
         p.add_argument("--target", type=float, help="value of --metric to reach, in its units (e.g. 2.5 for val/bpb)")
         p.add_argument("--baseline", help="variant the others are tested against (default: the first variant)")
+        p.add_argument("--no-timing", action="store_true",
+                       help="leave out the wall-clock figures (seconds to target, throughput, wall time, the time plot):"
+                            "\nfor runs measured while other jobs shared the machine")  # fmt: skip
     args = parser.parse_args(argv)
     if args.target_acc is not None and not 0 < args.target_acc <= 1:
         parser.error(f"--target-acc {args.target_acc} must be a fraction in (0, 1], e.g. 0.95")
@@ -867,7 +878,7 @@ def _goal(args: argparse.Namespace, parser: argparse.ArgumentParser, default: Go
     target = args.target if args.target is not None else args.target_acc
     if target is None and metric == default.metric:
         target = default.target
-    return Goal(metric, mode, target)
+    return Goal(metric, mode, target, timing=not args.no_timing)
 
 
 if __name__ == "__main__":
