@@ -38,15 +38,25 @@ def _documented_commands() -> list[list[str]]:
 
 COMMANDS = _documented_commands()
 SCRIPT_COMMANDS = {argv[1]: argv for argv in COMMANDS if argv[1].startswith("experiments/")}
-GRID_COMMANDS = [argv for argv in COMMANDS if argv[1] == "recipes/compare.py"]
+GRID_COMMANDS = [argv for argv in COMMANDS if argv[1:3] == ["recipes/compare.py", "run"]]
+LOGS_COMMANDS = [argv for argv in COMMANDS if argv[1:3] == ["recipes/compare.py", "logs"]]
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
 
 
 def test_every_experiment_file_has_its_command_in_experiments_md_and_every_command_names_one():
     for argv in COMMANDS:
-        assert argv[0] == "python" and (argv in SCRIPT_COMMANDS.values() or argv in GRID_COMMANDS), argv
-    # The scripts run without arguments: their defaults are the measured configuration.
-    assert all(len(argv) == 2 for argv in SCRIPT_COMMANDS.values()), SCRIPT_COMMANDS
-    assert all(argv[2] == "run" and len(argv) == 4 for argv in GRID_COMMANDS), GRID_COMMANDS
+        assert argv[0] == "python" and (argv[1].startswith("experiments/") or argv in GRID_COMMANDS + LOGS_COMMANDS), argv
+        if argv[1].startswith("experiments/"):
+            # The documented command is the one that wrote the raw file the section quotes (its --out, or
+            # docs/experiments/<name> for a command run with the default --out and its result copied there).
+            out = _option(argv, "--out") or f"docs/experiments/{Path(argv[1]).stem}"
+            assert out.startswith("docs/experiments/"), argv
+            assert json.loads((ROOT / out / "result.json").read_text())["command"] == " ".join(argv)
+    # A logs command writes its comparison (of a grid's runs) into the docs too.
+    assert all((_option(argv, "--out") or "").startswith("docs/experiments/") for argv in LOGS_COMMANDS), LOGS_COMMANDS
     scripts = {p.relative_to(ROOT).as_posix() for p in EXPERIMENTS.glob("*.py") if not p.name.startswith("_")}
     grids = {p.relative_to(ROOT).as_posix() for p in EXPERIMENTS.glob("*.yaml")}
     assert set(SCRIPT_COMMANDS) == scripts == {
@@ -100,7 +110,7 @@ def test_master_weights_exact_values_and_bf16_runs_as_a_user_runs_it(tmp_path):
     documented = SCRIPT_COMMANDS["experiments/master_weights.py"]
     out = tmp_path / "master_weights"
     argv = [*documented[2:], "--out", str(out), "--starts", "1.0", "1e-4", *TINY_TRAINING, *TINY_VIT]
-    process = subprocess.run([sys.executable, *documented[1:], *argv], capture_output=True, text=True, cwd=ROOT)
+    process = subprocess.run([sys.executable, documented[1], *argv], capture_output=True, text=True, cwd=ROOT)
     assert process.returncode == 0, process.stderr
     result = _check(out, "master_weights", argv)
     assert _is_png(out / "master_weights.png") and _is_png(out / "master_weights_training.png")
@@ -267,7 +277,11 @@ RAW_TABLES = {
     "2. ": ("docs/experiments/loss_scaling/result.json",),
     "3. ": ("docs/experiments/master_weights/result.json",),
     "4. ": ("docs/experiments/warmup_vit/compare.md", "docs/experiments/warmup_resnet/compare.md"),
+    "5. ": ("docs/experiments/linear_scaling_resnet/compare.md", "docs/experiments/linear_scaling_resnet_b128/compare.md"),
     "6. ": ("docs/experiments/clipping_vit/compare.md",),
+    "7. ": ("docs/experiments/optimizers_vit/compare.md", "docs/experiments/optimizers_vit_patchify/compare.md",
+            "docs/experiments/norms_resnet/compare.md"),
+    "8. ": ("docs/experiments/schedules_vit/compare.md", "docs/experiments/schedules_vit_vs_constant/compare.md"),
     "9. ": ("docs/experiments/lr_find_1thread/result.json", "docs/experiments/lr_find/result.json"),
     "10. ": ("docs/experiments/gpt_warmup_norm/compare.md",),
     "11. ": ("docs/experiments/gpt_beta2_clipping/compare.md",),

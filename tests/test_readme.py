@@ -51,7 +51,7 @@ def test_compare_run_command_names_a_grid_that_plans_its_runs(tmp_path):
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     planned = [line for line in result.stdout.splitlines() if "-m lightning_recipes.recipes.vit fit --config" in line]
-    assert len(planned) == 4  # schedules_vit: 4 schedules x 1 seed
+    assert len(planned) == 12  # schedules_vit: 4 schedules x 3 seeds
 
 
 def test_image_folder_and_fine_tuning_commands_build_their_run_as_written(tmp_path, monkeypatch):
