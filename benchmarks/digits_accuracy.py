@@ -173,9 +173,12 @@ def _seconds(value: Optional[float]) -> str:
 
 
 def _commit() -> Optional[str]:
+    """HEAD, marked when what the runs execute (the package, the benchmarks, pyproject.toml) has uncommitted changes:
+    an edit to README or a test while the benchmark runs does not change its figures."""
+    code = ["recipes", "callbacks", "datamodules", "benchmarks/*.py", "pyproject.toml"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *code], cwd=ROOT,
                                capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
