@@ -22,6 +22,10 @@ class ImageClassificationDataModule(LightningDataModule):
     anything trains.
     """
 
+    #: The global RNGs the train loader seeds before each sample (``ResumableDataLoader(seed_rngs=...)``): all three
+    #: here; a subclass whose training transforms draw from fewer names only those (DigitsDataModule: torch).
+    augmentation_rngs: tuple[str, ...] = ("torch", "random", "numpy")
+
     num_classes: int
     in_channels: int
     image_size: int
@@ -106,6 +110,7 @@ class ImageClassificationDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
             repeated_augmentations=self.ra_reps,
+            seed_rngs=self.augmentation_rngs,
         )
 
     @override
