@@ -84,7 +84,10 @@ fetched in every case; on a GPU a slice's last time is taken after a device sync
 and the JSON gets the milliseconds per step of every hook.
 
 Data: digits uses the 1,437 real training images of ``DigitsDataModule(image_size=16, augment=False)`` held in a
-``TensorDataset`` (no augmentation: its cost is the data module's, not the loop's); the ImageNet models use one
+``TensorDataset`` (no augmentation: its cost is the data module's, not the loop's), shuffled: for the loop and the
+bare Trainer in a plain ``DataLoader``, for the recipe in the loader ``DigitsDataModule.train_dataloader`` builds (a
+``ResumableDataLoader`` seeding the RNGs its transforms draw from before each sample), so the recipe pays what its
+data module's resumable order costs; the ImageNet models use one
 synthetic batch already on the device (data loading is not what is measured), the GPT one batch of random token ids
 (GPT-2's vocabulary 50257, the config's context 1024). With one fixed batch, three callbacks are set to what the
 measured run can be: ``GradientAccumulation(global_batch_size=<batch size>)`` (the config accumulates 512 windows per
@@ -351,13 +354,22 @@ def _loader(spec: Spec, steps: int) -> DataLoader:
 
 
 class _Data(L.LightningDataModule):
-    """The loader as the recipes' data modules hand it over, with the ``batch_size`` attribute callbacks read."""
+    """The loader as the recipes' data modules hand it over, with the ``batch_size`` attribute callbacks read.
 
-    def __init__(self, spec: Spec, steps: int) -> None:
+    ``recipe``: digits in the ``ResumableDataLoader`` that ``DigitsDataModule.train_dataloader`` builds.
+    """
+
+    def __init__(self, spec: Spec, steps: int, recipe: bool = False) -> None:
         super().__init__()
-        self.spec, self.steps, self.batch_size = spec, steps, spec.batch_size
+        self.spec, self.steps, self.batch_size, self.recipe = spec, steps, spec.batch_size, recipe
 
     def train_dataloader(self) -> DataLoader:
+        if self.recipe and self.spec.data == "digits":
+            from lightning_recipes.callbacks.resumable_loader import ResumableDataLoader
+            from lightning_recipes.datamodules import DigitsDataModule
+
+            return ResumableDataLoader(_digits(self.spec.image_size), batch_size=self.spec.batch_size, shuffle=True,
+                                       seed_rngs=DigitsDataModule.augmentation_rngs)  # fmt: skip
         return _loader(self.spec, self.steps)
 
 
@@ -510,7 +522,7 @@ def run_recipe(spec: Spec, clock: Clock, total: int, *, parts: Optional[int] = N
     every = spec.trainer_config.get("log_every_n_steps", 50)
     trainer = _trainer(spec, total, clock, logger=logger, callbacks=callbacks, enable_checkpointing=checkpointing,
                        log_every_n_steps=every, profiler=profiler)  # fmt: skip
-    trainer.fit(spec.build(), datamodule=_Data(spec, total))
+    trainer.fit(spec.build(), datamodule=_Data(spec, total, recipe=True))
 
 
 # ------------------------------------------------------------------------------------------------ interleaving
