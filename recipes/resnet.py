@@ -1,6 +1,6 @@
 """ResNet recipe: torchvision's ResNet-18/34/50, SGD with (Nesterov) momentum, BatchNorm / GroupNorm / SyncBN.
 
-    python recipes/resnet.py fit                    # digits, offline, a couple of minutes on 2 CPU cores
+    python recipes/resnet.py fit                    # digits, offline, under a minute on 2 CPU cores
     python recipes/resnet.py fit --config recipes/configs/resnet18_cifar10.yaml
     python recipes/resnet.py fit --model.norm group --print_config
 """

@@ -1,6 +1,6 @@
 """Vision Transformer recipe: torchvision's ViT, AdamW (or SGD to compare), LayerNorm, clipping by norm, warmup + cosine.
 
-    python recipes/vit.py fit                       # digits, offline, a couple of minutes on 2 CPU cores
+    python recipes/vit.py fit                       # digits, offline, under a minute on 2 CPU cores
     python recipes/vit.py fit --config recipes/configs/vit_cifar10.yaml
     python recipes/vit.py fit --print_config        # every option and its default
 """
