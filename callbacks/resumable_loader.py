@@ -12,10 +12,10 @@ data-parallel ranks), so it is correct under DDP / FSDP as it is, and Lightning 
 
 Random augmentations are reproducible too: before each sample is loaded, the global torch, Python and NumPy RNGs are
 seeded from (seed, epoch, position in the epoch's global order). A sample therefore gets the same augmentation
-whichever worker loads it, before or after a resume. ``seed_rngs=("torch",)`` seeds only those named, for
-transforms known to draw from them alone (torchvision's v2 transforms draw from torch's): the same draws from them,
-and about 8 us less per sample (Python's ``random.seed`` is the dearest, ~5.5 us). (The order and augmentations differ from a plain
-``DataLoader``'s, which draws them from the global RNG; they are equally random.)
+whichever worker loads it, before or after a resume. (The order and augmentations differ from a plain
+``DataLoader``'s, which draws them from the global RNG; they are equally random.) ``seed_rngs=("torch",)`` seeds
+only the RNGs named, for transforms known to draw from them alone (torchvision's v2 transforms draw from torch's):
+the same draws from those, and about 8 us less per sample (Python's ``random.seed`` is the dearest, ~5.5 us).
 
 ``repeated_augmentations=k`` (k > 1) is repeated augmentation (Hoffer et al., 2020; DeiT), in the order of
 torchvision's ``RASampler`` (references/classification/sampler.py; timm's ``RepeatAugSampler`` with

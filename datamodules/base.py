@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from typing_extensions import override
 
-from lightning_recipes.callbacks.resumable_loader import ResumableDataLoader
+from lightning_recipes.callbacks.resumable_loader import RNGS, ResumableDataLoader
 
 
 class ImageClassificationDataModule(LightningDataModule):
@@ -24,7 +24,7 @@ class ImageClassificationDataModule(LightningDataModule):
 
     #: The global RNGs the train loader seeds before each sample (``ResumableDataLoader(seed_rngs=...)``): all three
     #: here; a subclass whose training transforms draw from fewer names only those (DigitsDataModule: torch).
-    augmentation_rngs: tuple[str, ...] = ("torch", "random", "numpy")
+    augmentation_rngs: tuple[str, ...] = RNGS
 
     num_classes: int
     in_channels: int

@@ -1,4 +1,4 @@
-"""ResumableDataLoader(seed_rngs=...): seeding only the RNGs the transforms draw from gives the same batches, cheaper."""
+"""ResumableDataLoader(seed_rngs=...): seeding only the RNGs the transforms draw from gives the same batches."""
 
 from __future__ import annotations
 
