@@ -63,7 +63,8 @@ median and the goal, and the run says nothing either way. Run more blocks, or on
 Candidates
 ----------
 All share the model (built by the recipe's own class with the config's arguments, seed 0), the optimizer (the
-recipe's ``build_optimizer``), the gradient clipping, the precision and the data:
+recipe's ``build_optimizer``, with the kernel its module picks in the Trainer: ``fused`` on a CPU unless the precision
+is mixed and clips, ``common.fused_by_default``), the gradient clipping, the precision and the data:
 
 - ``loop``: forward, loss, backward, ``clip_grad_norm_``, ``step``, ``zero_grad`` in plain PyTorch.
 - ``trainer``: a bare ``Trainer`` (no logger, no checkpointing, no progress bar, no model summary, no callbacks)
@@ -149,7 +150,7 @@ from report import (
     torch_threads,
 )
 
-from lightning_recipes.recipes.common import CONFIG_DIR, ImageClassifier
+from lightning_recipes.recipes.common import CONFIG_DIR, ImageClassifier, fused_by_default
 from lightning_recipes.recipes.gpt import GPT
 from lightning_recipes.recipes.resnet import ResNetClassifier
 from lightning_recipes.recipes.vit import ViTClassifier
@@ -291,6 +292,11 @@ def _spec(args: argparse.Namespace, root: Path) -> Spec:
     if data == "tokens":
         image_size = model_args["context_length"]
     precision = args.precision or str(config["trainer"].get("precision") or "32-true")
+    if issubclass(model_class, ImageClassifier) and "fused" not in model_args:
+        # The optimizer kernel the recipe's module picks in its Trainer (--model.fused null), given to every
+        # candidate: the loop's and the bare Trainer's classifier build the optimizer outside that Trainer.
+        where = [torch.empty(0, device=args.device)]
+        model_args["fused"] = fused_by_default(where, precision, config["trainer"].get("gradient_clip_val"))
     return Spec(
         model_class=model_class,
         model_args=model_args,

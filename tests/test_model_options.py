@@ -571,7 +571,7 @@ def test_under_fsdp1_clipping_by_norm_goes_to_the_root_modules_clip_grad_norm(re
     strategy = FSDPStrategy()
     root = RootFSDP()
     monkeypatch.setattr(FSDPStrategy, "model", property(lambda self: root))
-    module._trainer = SimpleNamespace(strategy=strategy, precision="16-mixed", datamodule=None)
+    module._trainer = SimpleNamespace(strategy=strategy, precision="16-mixed", gradient_clip_val=1.0, datamodule=None)
     assert not is_overridden("configure_gradient_clipping", module)
     module.setup("fit")
     assert is_overridden("configure_gradient_clipping", module)
@@ -586,6 +586,6 @@ def test_under_fsdp1_clipping_by_norm_goes_to_the_root_modules_clip_grad_norm(re
     assert calls == [(optimizer, 0.1, GradClipAlgorithmType.VALUE)] and root.clipped == [1.0, 0.5]
     # Another strategy: the class's hook, untouched.
     other = recipe(**options)
-    other._trainer = SimpleNamespace(strategy=SimpleNamespace(), precision="32-true", datamodule=None)
+    other._trainer = SimpleNamespace(strategy=SimpleNamespace(), precision="32-true", gradient_clip_val=None, datamodule=None)
     other.setup("fit")
     assert not is_overridden("configure_gradient_clipping", other)

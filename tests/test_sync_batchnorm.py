@@ -44,7 +44,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         module = _model(norm)
         # What Lightning's DDP on CPU shows the module in setup(): 2 processes, a CPU root device.
         module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(root_device=torch.device("cpu")),
-                                          datamodule=None, precision="32-true")
+                                          datamodule=None, precision="32-true", gradient_clip_val=None)
         module.setup("fit")
         state = _train(module, DistributedDataParallel(module.model), images[local], targets[local])
         converted = sum(isinstance(m, GlobalBatchNorm2d) for m in module.model.modules())
