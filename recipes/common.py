@@ -164,9 +164,9 @@ class ImageClassifier(LightningModule):
     ``self.log``. In validation and test: ``val/loss``, ``val/acc`` (``val/acc_top5``) over the whole epoch
     and all processes; ``test/...`` likewise.
 
-    Subclasses return their optimizer from ``build_optimizer``, with ``**fused_optimizer(self, self.fused)``. The learning-rate schedule is not here: it
-    is the ``LRSchedule`` callback of the recipe's config (per optimizer step, warmup then decay), so that
-    the same schedule code serves any LightningModule.
+    Subclasses return their optimizer from ``build_optimizer``, with ``**fused_optimizer(self, self.fused)``. The
+    learning-rate schedule is not here: it is the ``LRSchedule`` callback of the recipe's config (per optimizer
+    step, warmup then decay), so that the same schedule code serves any LightningModule.
     """
 
     #: Data-module attributes the CLI copies into the model's arguments before anything is built.
