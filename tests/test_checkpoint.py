@@ -379,11 +379,13 @@ def test_asynchronous_saves_resume_bit_exact(tmp_path, uninterrupted):
 class _GatedSave:
     """torch.save that waits for `gate` first: the background write is provably still running."""
 
-    def __init__(self, monkeypatch) -> None:
-        self.gate, self.original = threading.Event(), torch.save
+    def __init__(self, monkeypatch, before=None) -> None:
+        self.gate, self.original, self.before = threading.Event(), torch.save, before
         monkeypatch.setattr(torch, "save", self)
 
     def __call__(self, obj, f, *args, **kwargs):
+        if self.before is not None:
+            self.before()  # in the writer thread, as the write begins
         assert self.gate.wait(30)
         return self.original(obj, f, *args, **kwargs)
 
@@ -410,13 +412,16 @@ def test_the_background_writer_saves_the_state_as_it_was_when_asked(tmp_path, mo
 
 
 def test_a_second_save_waits_for_the_one_in_flight_and_the_wait_is_recorded(tmp_path, monkeypatch):
-    save = _GatedSave(monkeypatch)
+    committed, committed_as_each_write_began = [], []
+    save = _GatedSave(monkeypatch, before=lambda: committed_as_each_write_began.append(list(committed)))
     io = SafeCheckpointIO(asynchronous=True)
-    committed = []
     io.save_checkpoint(_state(torch.zeros(3)), tmp_path / "a.ckpt", storage_options={"after_commit": committed.append})
     threading.Timer(0.3, save.gate.set).start()
     io.save_checkpoint(_state(torch.ones(3), 2), tmp_path / "b.ckpt", storage_options={"after_commit": committed.append})
-    assert committed == [str(tmp_path / "a.ckpt")]  # the first was committed (and rotated) before the second began
+    io.wait()
+    # The first was committed (and rotated) before the second began. (Read in the writer thread: once the second
+    # call has returned, its own small write may already be done too.)
+    assert committed_as_each_write_began == [[], [str(tmp_path / "a.ckpt")]]
     assert io.wait_seconds[0] == 0.0 and io.wait_seconds[1] >= 0.2
     io.teardown()
     assert committed == [str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt")]
