@@ -5,6 +5,7 @@ reported with a bootstrap 95 % interval.
 
     python benchmarks/overhead.py                                   # the digits ViT of vit_digits.yaml, CPU, ~4 min
     python benchmarks/overhead.py --blocks 48                       # twice the blocks: a ~0.7x narrower interval
+    python benchmarks/overhead.py --aa --blocks 27 --profile never --out benchmarks/results/overhead_aa.json
     python benchmarks/overhead.py --blocks 3 --steps 2 --warmup 1 --batch-size 8   # seconds: does it run?
     python benchmarks/overhead.py --device cuda --model vit_b16 --precision bf16-mixed [--compile]
     python benchmarks/overhead.py --device cuda --model resnet50 --precision bf16-mixed
@@ -54,6 +55,11 @@ steps, logging steps, epoch ends and saves included.
 the resampled medians are the 95 % interval (percentile bootstrap, seeded: a report reproduces from its values;
 report.bootstrap_interval). Blocks, not steps, are the unit: steps within a slice share that second's machine state
 and are not independent draws; blocks, a few seconds apart, nearly are. The interval narrows as 1 / sqrt(blocks).
+
+*A/A control* (``--aa``). One more candidate runs the bare Trainer's code a second time. Nothing distinguishes the
+two but their place in the rotation, their thread and their memory, so the distance of their ratio from 1, and
+whether its interval contains 1, is the method's own bias on this machine: a goal closer to 1 than that cannot be
+judged by one run, whatever its interval says.
 
 *Reading a goal.* "met" or "missed" is judged at the median (recipe / loop <= 1.03, recipe / bare Trainer <= 1.01).
 "resolved" means the whole interval lies on one side of the goal, so this run establishes the verdict; "not resolved
@@ -667,7 +673,12 @@ README_LABELS = {
     "recipe / loop, median step": "recipe step / hand-written loop step",
     "recipe / trainer, median step": "recipe step / bare Trainer step",
     "trainer / loop, median step": "bare Trainer step / loop step (Lightning's own cost)",
+    "A/A: trainer again / trainer, median step": (
+        "A/A control: a second bare Trainer / the first (the method's own bias)"
+    ),
 }
+#: ``--aa``'s control candidate: a second bare Trainer, the same code as ``trainer``.
+AA = "trainer again"
 
 
 def step_figures(report: Report, periods: dict[str, list[list[float]]], breakdown: list[tuple[str, str]]) -> None:
@@ -696,6 +707,8 @@ def step_figures(report: Report, periods: dict[str, list[list[float]]], breakdow
     by_median("trainer / loop, median step", "trainer", "loop", note="Lightning's own per-step cost")
     by_total("recipe / loop, mean step", "recipe", "loop")
     by_total("recipe / trainer, mean step", "recipe", "trainer")
+    if AA in periods:  # two candidates that run the same code: any distance from 1 is the method's, not the code's
+        by_median(f"A/A: {AA} / trainer, median step", AA, "trainer", note="--aa: the same code twice")
     previous = "trainer"
     for name, label in breakdown:
         by_median(f"breakdown: {label} / previous, median step", name, previous, note=f"previous = {previous}")
@@ -845,6 +858,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the recipe's module alone and with each of its logger and callbacks added"
                              " in turn (default on)")  # fmt: skip
+    parser.add_argument("--aa", action="store_true",
+                        help="add an A/A control: a second bare Trainer, timed like the others; its ratio to the first"
+                             " shows how far from 1 the method itself puts two identical candidates")  # fmt: skip
     parser.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                         help="run bare Trainer and recipe once more under SimpleProfiler: when a goal is missed"
                              " (auto, default), always or never")  # fmt: skip
@@ -882,6 +898,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 breakdown.append((f"+ {name}", f"+ {name}"))
             breakdown.append(("recipe", f"+ {parts[-1][0]}" if parts else "recipe"))
         runs["recipe"] = lambda clock: run_recipe(spec, clock, total)
+        if args.aa:
+            runs[AA] = lambda clock: run_trainer(spec, clock, total)
         periods = run_interleaved(runs, blocks=args.blocks, steps=args.steps, warmup=args.warmup,
                                   sync=lambda: _sync(spec.device))  # fmt: skip
         median = {name: [statistics.median(s) for s in slices] for name, slices in periods.items()}

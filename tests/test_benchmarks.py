@@ -211,6 +211,33 @@ def test_overhead_figures_give_back_a_known_ratio_with_its_interval_and_verdict(
         overhead.total_ratio_interval([1.0], [1.0])
 
 
+def test_overhead_aa_control_times_the_bare_trainer_twice_and_reports_their_ratio(load, tmp_path):
+    overhead, report = load("overhead"), load("report")
+    # Two identical candidates whose steps differ by a systematic 3 % in every block (one thread, one place in the
+    # rotation slower than the other): the control shows a bias the method cannot tell from code.
+    drift = [0.100, 0.130, 0.090, 0.110]
+    trainer = [[d, d * 1.01, d * 0.99] for d in drift]
+    again = [[1.03 * t for t in s] for s in trainer]
+    periods = {"loop": trainer, "trainer": trainer, "recipe": trainer, overhead.AA: again}
+    result = report.Report("overhead", 4, {})
+    overhead.step_figures(result, periods, [])
+    control = next(f for f in result.figures if f.name == "A/A: trainer again / trainer, median step")
+    assert control.values == pytest.approx([1.03] * 4) and control.interval == pytest.approx((1.03, 1.03))
+    row = "| A/A control: a second bare Trainer / the first (the method's own bias) | 1.030 | 1.030 – 1.030 |  |  |"
+    assert row in overhead.performance_table(result, "caption")
+    result = report.Report("overhead", 4, {})
+    overhead.step_figures(result, {k: v for k, v in periods.items() if k != overhead.AA}, [])
+    assert not any(f.name.startswith("A/A") for f in result.figures)  # only with --aa
+
+    out = tmp_path / "aa.json"
+    tiny = ["depth=1", "width=16", "heads=2", "mlp_dim=16", "conv_stem=[4, 4]"]
+    argv = ["--aa", "--no-breakdown", "--blocks", "2", "--steps", "1", "--warmup", "0", "--batch-size", "8"]
+    result = overhead.main([*argv, "--threads", "1", "--profile", "never", "--out", str(out), "--model-args", *tiny])
+    assert result["method"]["candidates"] == ["loop", "trainer", "recipe", "trainer again"]
+    assert len(result["figures"]["A/A: trainer again / trainer, median step"]["values"]) == 2
+    assert "A/A control" in result["performance_table"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
