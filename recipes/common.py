@@ -114,6 +114,11 @@ def check_model_flag(name: str, value: object, *, none: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is invalid: use {allowed} (--model.{name}).")
 
 
+def _mixed_and_clipped(precision: str, gradient_clip_val: Optional[float]) -> bool:
+    """Lightning's MixedPrecision plugin refuses to clip the gradients of a fused optimizer (Lightning 2.6)."""
+    return precision in ("16-mixed", "bf16-mixed") and bool(gradient_clip_val)
+
+
 def fused_by_default(parameters: Iterable[torch.Tensor], precision: str, gradient_clip_val: Optional[float]) -> bool:
     """Whether ``--model.fused null`` (automatic) picks torch's fused optimizer kernel: where it is a pure speed-up.
 
@@ -125,7 +130,7 @@ def fused_by_default(parameters: Iterable[torch.Tensor], precision: str, gradien
     under the scaler GradNormMonitor would see scaled gradients. On a GPU torch's default (``foreach``) stays, as in
     torchvision's references, and so do FSDP2's DTensor shards.
     """
-    if precision in ("16-mixed", "bf16-mixed") and (precision == "16-mixed" or gradient_clip_val):
+    if precision == "16-mixed" or _mixed_and_clipped(precision, gradient_clip_val):
         return False
     return all(type(p.data) is torch.Tensor and p.device.type == "cpu" for p in parameters)
 
@@ -138,7 +143,7 @@ def fused_optimizer(module: LightningModule, fused: Optional[bool]) -> dict[str,
     clip = trainer.gradient_clip_val if trainer is not None else None
     if fused is None:
         fused = fused_by_default(module.parameters(), precision, clip)
-    elif fused and precision in ("16-mixed", "bf16-mixed") and clip:
+    elif fused and _mixed_and_clipped(precision, clip):
         raise ValueError(
             f"fused=True is invalid with precision={precision!r} and gradient_clip_val={clip!r}: Lightning's"
             " mixed-precision plugin refuses to clip the gradients of a fused optimizer. Use --model.fused null"
